@@ -18,8 +18,10 @@ from typing import Any
 
 import tomli_w
 
+from levante.errors import LevanteError
 
-class ConfigError(ValueError):
+
+class ConfigError(LevanteError, ValueError):
     """A user mistake in a config: the message is one line and names the field."""
 
 
