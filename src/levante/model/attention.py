@@ -1,0 +1,110 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1).
+
+Keys and values come from a small latent c_kv = RMSNorm(W_dkv x) shared by all heads, plus one
+decoupled rope key shared by all heads. Training and prefill expand the latent into per-head keys
+and values. Decoding keeps only (c_kv, k_rope) per token in the cache and absorbs the key
+up-projection into the query and the value up-projection into the output, so attention runs
+directly against the latent (an MQA over kv_lora_rank + rope dims).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from levante.config import ModelConfig
+from levante.model.norm import RMSNorm
+from levante.model.rope import apply_rope, softmax_scale
+
+
+class LatentCache:
+    """Per-layer decode cache: the normalised kv latent and the rotated rope key of each token."""
+
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, device, dtype):
+        self.c_kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.k_rope = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+
+    def write(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        end = start + c_kv.shape[1]
+        if end > self.c_kv.shape[1]:
+            raise ValueError(f"cache holds {self.c_kv.shape[1]} positions, asked to write up to {end}")
+        self.c_kv[:, start:end] = c_kv
+        self.k_rope[:, start:end] = k_rope
+        return self.c_kv[:, :end], self.k_rope[:, :end]
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        qk_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self.scale = softmax_scale(cfg)
+
+    def _queries(self, x: torch.Tensor, cos, sin):
+        b, t, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def _latent(self, x: torch.Tensor, cos, sin):
+        b, t, _ = x.shape
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.view(b, t, 1, self.rope_dim), cos, sin).view(b, t, self.rope_dim)
+        return self.kv_a_layernorm(c_kv), k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
+        q_nope, q_rope = self._queries(x, cos, sin)
+        c_kv, k_rope = self._latent(x, cos, sin)
+        if cache is None:
+            out = self._expanded(q_nope, q_rope, c_kv, k_rope)
+        else:
+            c_kv, k_rope = cache.write(start, c_kv, k_rope)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
+        return self.o_proj(out.flatten(2))
+
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope):
+        """Causal attention with per-head keys/values decompressed from the latent (training, prefill)."""
+        b, t, h, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope[:, :, None, :].expand(b, t, h, self.rope_dim)), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+        )
+        return out.transpose(1, 2)  # [B, T, H, v_dim]
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int):
+        """Attention straight against the cached latent: W_uk folds into q, W_uv into the output."""
+        b, t, h, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+        q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, H, T, kv_rank + rope]
+        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # [B, 1, S, kv_rank + rope]: one shared head
+        v = c_kv[:, None]
+        mask = None
+        if t > 1:  # query i sits at position start + i and sees keys 0..start + i
+            s = k.shape[2]
+            q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+            mask = torch.arange(s, device=q.device)[None, :] <= q_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return torch.einsum("bhtc,hvc->bthv", out, w_uv)

@@ -1,0 +1,188 @@
+"""DeepSeekMoE with aux-loss-free load balancing (DeepSeek-V3 §2.1.2).
+
+Each token is routed to `num_experts_per_tok` of `n_routed_experts` fine-grained SwiGLU experts
+(sigmoid affinities; a per-expert bias steers *selection* only) and always passes through the
+shared experts. Dispatch sorts token copies by expert and runs one grouped matmul per projection,
+so compute is proportional to the tokens each expert actually receives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from levante.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid top-k router with group-limited selection and a balancing bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # Persistent so checkpoints and HF exports carry it; it is not a parameter: the
+        # balancing rule moves it, not the gradient.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+
+    def forward(self, x: torch.Tensor):
+        """x [N, H] -> (weights [N, k], expert ids [N, k], scores [N, E]); routing runs in fp32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            # Keep the best `topk_group` groups, each scored by the sum of its two best experts.
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            best_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.n_experts)
+        ids = biased.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids, scores
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this build has a grouped-matmul kernel (forward and backward) for device and dtype."""
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        return False
+    try:
+        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+        fn(x, w, offs=offs).sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, counts_list: list[int]):
+    """y[rows of expert e] = x[rows of expert e] @ weight[e].T, rows sorted by expert.
+
+    `weight` is [E, out, in]; `counts` holds the rows per expert (as a tensor and a list).
+    """
+    if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
+        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        offs = counts.cumsum(0).to(torch.int32)
+        return fn(x, weight.transpose(1, 2), offs=offs)
+    # Fallback: one matmul per expert over its contiguous slice.
+    chunks = x.split(counts_list)
+    return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts in stacked tensors: gate and up fused as [E, 2I, H], down as [E, H, I]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        counts_list = counts.tolist()
+        gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, counts_list).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, counts, counts_list)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts > 0 else None
+        )
+        # Routed-token counts since the last bias update (summed over micro-batches of a step).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, ids, scores = self.gate(flat)
+
+        # Dispatch: sort the N*k (token, expert) pairs by expert so each expert's rows are contiguous.
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.n_experts)
+        token_of = order // self.top_k
+        y_sorted = self.experts(flat[token_of], counts)
+        y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of, y_sorted.to(flat.dtype))
+
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        aux = None
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            if self.aux_loss_alpha > 0:
+                aux = self._sequence_balance_loss(scores.view(b, t, -1), ids.view(b, t * self.top_k))
+        return out.view(b, t, d), aux
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences."""
+        b, t, e = scores.shape
+        probs = scores / scores.sum(-1, keepdim=True)
+        p = probs.mean(1)  # [B, E]
+        hits = torch.zeros(b, e, device=scores.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))
+        f = hits * (e / (self.top_k * t))
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, speed: float) -> None:
+    """Aux-loss-free balancing step: b_i += speed * sign(mean load - load_i), then centre b.
+
+    Call once per optimizer step, after the loads of all micro-batches (and, under data
+    parallelism, of all ranks: all-reduce `tokens_per_expert` first) are in. Resets the counts.
+    """
+    for moe in moe_layers(model):
+        load = moe.tokens_per_expert
+        if speed > 0 and load.sum() > 0:
+            bias = moe.gate.e_score_correction_bias
+            bias += speed * torch.sign(load.mean() - load)
+            bias -= bias.mean()
+        load.zero_()
+
+
+@torch.no_grad()
+def expert_load_stats(model: nn.Module) -> dict[str, float]:
+    """max/mean routed load per MoE layer over the counts accumulated so far (1.0 = perfectly even)."""
+    ratios = []
+    for moe in moe_layers(model):
+        load = moe.tokens_per_expert
+        if load.sum() > 0:
+            ratios.append(float(load.max() / load.mean()))
+    if not ratios:
+        return {}
+    return {"load_max_over_mean": max(ratios), "load_max_over_mean_avg": sum(ratios) / len(ratios)}

@@ -1,0 +1,144 @@
+"""The DeepSeek-V3 decoder: embeddings, MLA + MoE blocks, final norm, LM head, optional MTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from levante.config import ModelConfig
+from levante.model.attention import LatentCache
+from levante.model.block import Block
+from levante.model.moe import GroupedExperts, Router
+from levante.model.mtp import MTPModule
+from levante.model.norm import RMSNorm
+from levante.model.rope import rope_cos_sin, rope_frequencies
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss + aux_loss: what training minimises
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class DecodeCache:
+    """Latent caches of every layer plus the number of positions already filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        self.layers = [LatentCache(batch, max_len, cfg, device, dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(config, k + 1) for k in range(config.num_nextn_predict_layers))
+        inv_freq, self.rope_attention_factor = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None):
+        std = self.config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, GroupedExperts):
+                nn.init.normal_(m.gate_up_proj, std=std)
+                nn.init.normal_(m.down_proj, std=std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, std=std)
+                m.e_score_correction_bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
+        inv_freq, _ = rope_frequencies(self.config)
+        self.inv_freq.copy_(inv_freq)
+
+    def new_cache(self, batch: int, max_len: int) -> DecodeCache:
+        p = self.embed_tokens.weight
+        return DecodeCache(self.config, batch, max_len, p.device, p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, cache: DecodeCache | None = None) -> ModelOutput:
+        """input_ids [B, T] -> logits [B, T, vocab].
+
+        `labels` follow the transformers convention (aligned with input_ids, shifted inside);
+        `targets` are already shifted (targets[:, t] is the token after input_ids[:, t]), as the
+        trainer feeds them. Either gives `.loss`; -100 marks positions to ignore.
+        """
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        t = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + t, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, self.rope_attention_factor, positions)
+
+        h = self.embed_tokens(input_ids)
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            h, aux = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start)
+            if aux is not None:
+                aux_losses.append(aux)
+        if cache is not None:
+            cache.length += t
+        h = self.norm(h)
+        logits = self.lm_head(h)
+        if targets is None:
+            return ModelOutput(logits=logits)
+
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = lm_loss
+        mtp_loss = self._mtp_loss(h, targets, cos, sin, aux_losses) if len(self.mtp) else None
+        if mtp_loss is not None:
+            loss = loss + self.config.mtp_loss_weight * mtp_loss
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+
+    def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor, cos, sin, aux_losses: list):
+        """Mean over depths k of CE(predict token i+k+1 from position i); the sequence shrinks by k."""
+        t = targets.shape[1]
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            n = t - k
+            if n <= 0:
+                break
+            next_tokens = targets[:, k - 1 : k - 1 + n].clamp_min(0)  # token i+k (ignored slots: any id)
+            h, aux = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
+            if aux is not None:
+                aux_losses.append(aux)
+            logits = self.lm_head(module.norm(h))
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k : k + n].flatten(),
+                                          ignore_index=IGNORE_INDEX))
+        return torch.stack(losses).mean() if losses else None
+
+    def num_params(self, active: bool = False, include_mtp: bool = False) -> int:
+        """Exact parameter count; `active` counts only the routed experts one token uses."""
+        total = 0
+        seen = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen or (not include_mtp and name.startswith("mtp.")):
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if active and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                n = n // self.config.n_routed_experts * self.config.num_experts_per_tok
+            total += n
+        return total
