@@ -1,0 +1,164 @@
+"""Training metrics: a JSON-lines log that resumes without duplicates, and MFU accounting.
+
+FLOPs per token (training = forward + backward = 3 x forward; a matmul with P weights costs 2·P
+FLOPs per token forward) are computed analytically from ModelConfig:
+
+    flops/token = 6 · P_active + L' · 6 · n_heads · seq_len · (qk_head_dim + v_head_dim)
+
+P_active counts the weight matrices one token actually multiplies by (embedding lookups excluded):
+  attention  q: H·n·d_qk, or H·r_q + r_q·n·d_qk with a q LoRA; kv_a: H·(r_kv + d_rope);
+             kv_b: r_kv·n·(d_nope + d_v); o: n·d_v·H  (training runs MLA un-absorbed)
+  MLP        dense: 3·H·I; MoE: router H·E + (top_k + n_shared)·3·H·I_moe — only routed-to experts
+  head       H·V
+  MTP (each) eh_proj 2H·H + one more (MoE) layer + the shared head, when include_mtp.
+The second term is attention itself, per layer and token: q·kᵀ over seq_len keys is 2·T·d_qk
+FLOPs per head and attn·v is 2·T·d_v, ×3 for training. MLA's q·k uses d_qk = qk_nope + qk_rope and
+attn·v uses v_head_dim. Like PaLM's 12·L·H·Q·T (the d_qk = d_v = Q case) it ignores the causal mask,
+so it is the dense-attention figure; L' = layers (+ MTP modules).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from levante.config import ModelConfig
+from levante.errors import LevanteError
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def _attention_params(c: ModelConfig) -> int:
+    h, n = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        q = h * n * c.qk_head_dim
+    else:
+        q = h * c.q_lora_rank + c.q_lora_rank * n * c.qk_head_dim
+    kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * n * (c.qk_nope_head_dim + c.v_head_dim)
+    return q + kv + n * c.v_head_dim * h
+
+
+def _mlp_params(c: ModelConfig, layer: int) -> int:
+    h = c.hidden_size
+    if not c.is_moe_layer(layer):
+        return 3 * h * c.intermediate_size
+    experts = c.num_experts_per_tok + c.n_shared_experts
+    return h * c.n_routed_experts + experts * 3 * h * c.moe_intermediate_size
+
+
+def model_flops_per_token(model_config: ModelConfig, seq_len: int, include_mtp: bool = True) -> float:
+    """Training FLOPs per token (forward + backward), see the module docstring for the formula."""
+    c = model_config
+    if seq_len <= 0:
+        raise LevanteError(f"seq_len must be positive, got {seq_len}")
+    head = c.hidden_size * c.vocab_size
+    active = head + sum(_attention_params(c) + _mlp_params(c, i) for i in range(c.num_hidden_layers))
+    layers = c.num_hidden_layers
+    if include_mtp:
+        for k in range(c.num_nextn_predict_layers):
+            layer = c.num_hidden_layers + k  # HF numbering: MTP blocks follow the main stack (MoE)
+            active += 2 * c.hidden_size**2 + _attention_params(c) + _mlp_params(c, layer) + head
+            layers += 1
+    attention = 6 * c.num_attention_heads * seq_len * (c.qk_head_dim + c.v_head_dim)
+    return float(6 * active + layers * attention)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (0..1)."""
+    if peak_flops <= 0:
+        raise LevanteError(f"peak FLOP/s must be positive, got {peak_flops}")
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def measure_cpu_matmul_peak(seconds: float = 1.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """A practical CPU peak: the best FLOP/s of n×n matmuls over ~`seconds` (at least 3 tries).
+
+    CPUs have no datasheet number we can read portably, so MFU on CPU is relative to what this
+    machine's BLAS reaches on a large square matmul with the current thread count.
+    """
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.mm(a, b)  # warm-up: thread pool, caches, allocator
+    best, tries = 0.0, 0
+    deadline = time.perf_counter() + seconds
+    while tries < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            best = max(best, 2 * n**3 / elapsed)
+        tries += 1
+    return best
+
+
+# ---------------------------------------------------------------------------------------- writer
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: tensors and numpy scalars to Python numbers, non-finite floats to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _keep(line: str, resume_step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short by a crash
+        return False
+    step = record.get("step") if isinstance(record, dict) else None
+    return not isinstance(step, (int, float)) or step <= resume_step
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `path`, flushed after each line.
+
+    resume_step=None starts a fresh log (an existing file is replaced). On resume pass the restored
+    checkpoint's step: earlier lines are kept, lines with a larger "step" (logged after that
+    checkpoint, so about to be logged again) are dropped, as are lines cut short by a crash.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if resume_step is not None and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and _keep(line, resume_step)]
+        if self.path.exists() or kept:
+            self._rewrite(kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(_plain(record), allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

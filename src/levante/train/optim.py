@@ -1,0 +1,196 @@
+"""Optimizers: AdamW, and Muon (Newton–Schulz orthogonalised momentum) for hidden matrices.
+
+`build_optimizer` routes parameters by name and shape:
+
+* "adamw": two AdamW groups, decay for every >=2-D weight (embeddings and head included), none for
+  norms and other 1-D tensors.
+* "muon": one `Muon` optimizer (one state_dict, one set of param groups for LR schedulers) whose
+  groups have `kind` "muon" (every >=2-D parameter except the embedding and the LM head: attention
+  and MLP matrices, the router, and 3-D stacked experts) or "adamw" (embedding, head, norms, 1-D).
+
+Every group carries `base_lr` (the configured peak rate) and `kind`; `schedule.apply_lr` sets
+`lr = base_lr * multiplier`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from levante.config import OptimConfig
+from levante.errors import LevanteError
+
+# Quintic Newton–Schulz coefficients (Keller Jordan's Muon): p(s) = a·s + b·s³ + c·s⁵ applied to the
+# singular values. The large slope at 0 (a) lifts small singular values quickly; the iteration does
+# not converge to exactly 1 but into a band around it (~0.7–1.2), which trains just as well and needs
+# only ~5 steps.
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+# Moonlight (Liu et al. 2025, "Muon is Scalable for LLM Training"): scale the orthogonalised update by
+# 0.2·sqrt(max(rows, cols)) so its RMS matches a typical AdamW update (~0.2). An orthogonal m×n matrix
+# has RMS 1/sqrt(max(m, n)), so the product has RMS 0.2 whatever the shape, and Muon groups can share
+# AdamW's learning rate and weight decay.
+_MOONLIGHT_RMS = 0.2
+
+
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate U·Vᵀ of g = U·S·Vᵀ for the last two dims (batched over any leading dims).
+
+    Runs in bf16 on CUDA (the iteration is robust to it and it is the fast path) and fp32 elsewhere.
+    Returns a tensor in the compute dtype; the caller casts.
+    """
+    a, b, c = _NS_COEFFS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation so the Gram matrix x·xᵀ is the smaller one
+        x = x.mT
+    # Frobenius norm >= spectral norm, so after this every singular value is <= 1 (inside the
+    # iteration's basin of convergence). Per matrix, so each expert is normalised on its own.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with kind "muon", AdamW for groups with kind "adamw", in one optimizer.
+
+    Group keys: lr, base_lr, kind, weight_decay (decoupled, both kinds), momentum and ns_steps (muon),
+    betas and eps (adamw). Muon params must be 2-D or 3-D; a 3-D param is a stack of matrices
+    (experts) and each is orthogonalised separately.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise LevanteError(f"optimizer: lr, eps and weight_decay must be >= 0 (lr={lr}, eps={eps}, "
+                               f"weight_decay={weight_decay})")
+        if not 0 <= momentum < 1:
+            raise LevanteError(f"optimizer: muon momentum must be in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise LevanteError(f"optimizer: muon ns_steps must be >= 1, got {ns_steps}")
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise LevanteError(f"optimizer: betas must be two values in [0, 1), got {tuple(betas)}")
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, kind="muon")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["kind"] not in ("muon", "adamw"):
+            raise LevanteError(f"optimizer: group kind must be 'muon' or 'adamw', got {group['kind']!r}")
+        if group["kind"] == "muon":
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise LevanteError(f"optimizer: Muon handles 2-D and 3-D parameters, got shape "
+                                       f"{tuple(p.shape)}")
+        group.setdefault("base_lr", group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:  # frozen this step (e.g. an expert no token reached): no update
+                    continue
+                if p.grad.is_sparse:
+                    raise LevanteError("optimizer: sparse gradients are not supported")
+                if group["kind"] == "muon":
+                    self._muon_update(p, group)
+                else:
+                    self._adamw_update(p, group)
+        return loss
+
+    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        grad = p.grad
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        mu = group["momentum"]
+        buf.mul_(mu).add_(grad)
+        update = grad.add(buf, alpha=mu)  # Nesterov: look ahead along the momentum
+        ortho = orthogonalize(update, group["ns_steps"]).to(p.dtype)
+        scale = _MOONLIGHT_RMS * math.sqrt(max(p.size(-2), p.size(-1)))
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(ortho, alpha=-lr * scale)
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
+        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path, so the
+        # two agree bit for bit on CPU.
+        state = self.state[p]
+        grad = p.grad
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        state["step"] += 1
+        step = state["step"].item()
+        p.mul_(1 - lr * group["weight_decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def uses_muon(name: str, p: torch.Tensor) -> bool:
+    """Hidden matrices (incl. router and 3-D experts) go to Muon; embedding and head stay on AdamW:
+    their rows are looked up / scored one token at a time, not used as a linear map on the
+    residual stream, so orthogonalising them has no justification (Muon paper, Moonlight)."""
+    return p.ndim >= 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer for `model` as configured; only parameters with requires_grad are included."""
+    if cfg.name not in ("muon", "adamw"):
+        raise LevanteError(f"optim.name must be 'muon' or 'adamw', got '{cfg.name}'")
+    if len(cfg.betas) != 2:
+        raise LevanteError("optim.betas must have two values")
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LevanteError("optimizer: the model has no trainable parameters")
+    matrices = [p for n, p in named if cfg.name == "muon" and uses_muon(n, p)]
+    matrix_ids = {id(p) for p in matrices}
+    decay = [p for _, p in named if p.ndim >= 2 and id(p) not in matrix_ids]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    adamw_groups = [
+        dict(params=decay, kind="adamw", lr=cfg.lr, base_lr=cfg.lr, weight_decay=cfg.weight_decay),
+        dict(params=no_decay, kind="adamw", lr=cfg.lr, base_lr=cfg.lr, weight_decay=0.0),
+    ]
+    if cfg.name == "adamw":
+        groups = [g for g in adamw_groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    muon_group = dict(params=matrices, kind="muon", lr=cfg.muon_lr, base_lr=cfg.muon_lr,
+                      weight_decay=cfg.weight_decay)
+    groups = [g for g in [muon_group, *adamw_groups] if g["params"]]
+    return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
+                betas=betas, eps=cfg.eps)
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0 disables clipping) and return the norm before."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:  # measure only: never rescale, not even by 1.0 (an inf norm would turn grads into NaN)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(total, "full_tensor"):  # DTensor under FSDP2: the norm is already reduced
+        total = total.full_tensor()
+    return float(total)
