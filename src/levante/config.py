@@ -122,7 +122,7 @@ class ModelConfig:
     vocab_size: int = 8192
     hidden_size: int = 256
     intermediate_size: int = 768  # dense SwiGLU layers
-    moe_intermediate_size: int = 256  # each routed / shared expert
+    moe_intermediate_size: int = 128  # each routed / shared expert
     num_hidden_layers: int = 6
     num_attention_heads: int = 4
     # Multi-head latent attention
