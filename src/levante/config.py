@@ -249,16 +249,16 @@ def _tiny() -> ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _tiny(),
-    # ~150M total / ~45M active: CPU experiments.
+    # ~160M total / ~44M active: CPU experiments.
     "small": ModelConfig(
-        vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=384,
+        vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
         num_hidden_layers=10, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=192,
         qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48, first_k_dense_replace=1,
         n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
         routed_scaling_factor=2.0, max_position_embeddings=4096,
     ),
     "1b": ModelConfig(
-        vocab_size=65536, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
+        vocab_size=65536, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=256,
         num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256,
         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1,
         n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4,
@@ -275,7 +275,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The sovereign flagship: ~100B total, ~10B active.
     "100b": ModelConfig(
         vocab_size=131072, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=44, num_attention_heads=32, q_lora_rank=1536, kv_lora_rank=512,
+        num_hidden_layers=42, num_attention_heads=32, q_lora_rank=1536, kv_lora_rank=512,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=2,
         n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4,
         routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
@@ -376,7 +376,8 @@ class TrainConfig:
         self.model.validate()
         checks = [
             (self.data.seq_len > 0, "data.seq_len must be positive"),
-            (self.optim.name in ("muon", "adamw"), f"optim.name must be 'muon' or 'adamw', got '{self.optim.name}'"),
+            (self.optim.name in ("muon", "adamw"),
+             f"optim.name must be 'muon' or 'adamw', got '{self.optim.name}'"),
             (self.optim.lr > 0 and self.optim.muon_lr > 0, "learning rates must be positive"),
             (len(self.optim.betas) == 2, "optim.betas must have two values"),
             (self.schedule.name in ("wsd", "cosine", "constant"),
@@ -386,7 +387,7 @@ class TrainConfig:
             (self.run.micro_batch_size > 0 and self.run.grad_accum > 0,
              "run.micro_batch_size and run.grad_accum must be positive"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
-            (self.run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda"),
+            (self.run.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
         ]
         for ok, msg in checks:
             if not ok:

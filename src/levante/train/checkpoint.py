@@ -48,6 +48,7 @@ OPTIM_JSON = "optimizer.json"
 TRAINER_JSON = "trainer.json"
 CHECKSUMS = "checksums.json"
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.toml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_MARK = ".tmp-"  # any directory whose name contains this is an unfinished write or a deletion
 
@@ -235,12 +236,13 @@ def _dumps(obj: Any, what: str) -> str:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, trainer_state: dict, keep_last: int,
-                    tokenizer_path: str | Path | None = None) -> Path:
+                    tokenizer_path: str | Path | None = None, config_text: str | None = None) -> Path:
     """Write checkpoint `step` atomically, then prune to the newest `keep_last`; returns its path.
 
     `trainer_state` is any JSON-serialisable dict (tokens seen, data loader state, metrics, config
     text, ...); `step`, `format` and `rng` are reserved keys filled in here. `tokenizer_path`, if
-    given, is copied in as tokenizer.json (checksummed) so the directory is self-contained.
+    given, is copied in as tokenizer.json and `config_text` written as config.toml (both checksummed),
+    so the directory is self-contained for eval, generate and export.
     Checkpoints with a higher step than this one are from an abandoned timeline (the run resumed
     from an older one) and are deleted.
     """
@@ -275,6 +277,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
             written.append(TOKENIZER_FILE)
+        if config_text is not None:
+            _write_text(tmp / CONFIG_FILE, config_text)
+            written.append(CONFIG_FILE)
         for name in written:
             _fsync_file(tmp / name)
         sums = {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}

@@ -1,0 +1,57 @@
+"""`levante plan NAME`: the planner on the command line (registered by the main CLI)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import typer
+
+from levante.config import ConfigError, ModelConfig
+from levante.errors import LevanteError
+from levante.plan import format_plan, plan
+
+
+def _read_model_table(file: Path) -> ModelConfig:
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid TOML ({e})") from None
+    if not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{file}: no [model] table")
+    return ModelConfig.from_dict(data["model"])
+
+
+def resolve_model(name: str) -> ModelConfig:
+    """A preset name, a TOML file with a [model] table, or a checkpoint dir holding config.toml."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.toml").is_file():
+            raise LevanteError(f"{path}: directory has no config.toml (expected a Levante checkpoint)")
+        return _read_model_table(path / "config.toml")
+    if path.is_file():
+        return _read_model_table(path)
+    if path.suffix == ".toml" or "/" in name or "\\" in name:  # clearly meant as a path
+        raise LevanteError(f"config not found: {name}")
+    return ModelConfig.preset(name)  # unknown names raise ConfigError listing the presets
+
+
+def plan_command(
+    name: str = typer.Argument(..., help="Preset name, TOML file with a [model] table, or checkpoint dir."),
+    seq_len: int = typer.Option(4096, help="Training sequence length."),
+    tokens: float | None = typer.Option(None, help="Training tokens (default: 20 x active params)."),
+    gpus: int | None = typer.Option(None, help="GPU count (default: the smallest that fits)."),
+    gpu: str = typer.Option("h100", help="h100, h200, a100 or mi300x."),
+    mfu: float = typer.Option(0.4, help="Assumed model FLOPs utilisation, 0..1."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Parameters, FLOPs, GPU-hours, memory per GPU and KV cache for a model."""
+    cfg = resolve_model(name)
+    result = plan(cfg, seq_len=seq_len, tokens=tokens, gpus=gpus, gpu=gpu, mfu=mfu)
+    if json_out:
+        typer.echo(json.dumps({"name": name, **result}, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(format_plan(result, title=f"Levante plan: {name}"))

@@ -1,0 +1,188 @@
+"""Training batches from token shards, resumable exactly; per-language evaluation windows.
+
+Training: the token stream is cut into non-overlapping windows of seq_len + 1 tokens with stride
+seq_len (window w = tokens[w*T : w*T + T + 1]; inputs are its first T tokens, labels its last T), so
+every token is a label exactly once per epoch. Each epoch visits the windows in a permutation drawn
+from numpy's Generator seeded by (seed, epoch): the order depends on nothing but these numbers, so
+the state is just (epoch, position) and a resumed run sees exactly the batches it would have seen.
+Ranks take interleaved slices perm[rank::world_size], cut to the same length on every rank (at most
+world_size - 1 windows per epoch are skipped, different ones each epoch) so ranks stay in lockstep
+and the position is the same on every rank: one saved state resumes all of them. A batch that
+reaches the end of an epoch continues into the next one, so every batch is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from levante.data.shards import LANG, LENGTH, NBYTES, OFFSET, Shards
+from levante.errors import LevanteError
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise LevanteError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class TokenLoader:
+    def __init__(self, shards: Shards, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.shards = shards
+        self.seq_len = _positive_int("seq_len", seq_len)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.world_size = _positive_int("world_size", world_size)
+        if not 0 <= rank < self.world_size:
+            raise LevanteError(f"rank {rank} is outside 0..{self.world_size - 1}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise LevanteError(f"seed must be a non-negative integer, got {seed!r}")
+        self.rank, self.seed = rank, int(seed)
+        self.num_windows = max(shards.num_tokens - 1, 0) // self.seq_len
+        self.windows_per_rank = self.num_windows // self.world_size
+        if self.windows_per_rank < 1:
+            raise LevanteError(
+                f"shards in {shards.path} hold {shards.num_tokens} tokens: too few for "
+                f"{self.world_size} window(s) of seq_len + 1 = {self.seq_len + 1} tokens; "
+                f"lower seq_len or add data")
+        self.epoch = 0
+        self.position = 0  # windows of this epoch's rank slice already consumed
+        self.last_windows = np.zeros(0, dtype=np.int64)  # window ids of the latest batch
+        self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+        self._doc_cols: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self.windows_per_rank / self.batch_size
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order = perm[: self.windows_per_rank * self.world_size][self.rank :: self.world_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (inputs, labels), int64 [batch_size, seq_len]; labels are inputs shifted by one."""
+        parts, need = [], self.batch_size
+        while need:
+            take = self._rank_order(self.epoch)[self.position : self.position + need]
+            parts.append(take)
+            need -= len(take)
+            self.position += len(take)
+            if self.position == self.windows_per_rank:
+                self.epoch, self.position = self.epoch + 1, 0
+        self.last_windows = np.concatenate(parts)
+        idx = self.last_windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        x = torch.from_numpy(self.shards.tokens[idx].astype(np.int64))
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_batch()
+
+    def label_lang_ids(self, windows: np.ndarray | None = None) -> torch.Tensor:
+        """Language code (index into `shards.langs`) of the document each label belongs to, int64
+        [B, seq_len], for the latest batch by default: per-language training loss."""
+        windows = self.last_windows if windows is None else np.asarray(windows)
+        if self._doc_cols is None:  # contiguous copies: searchsorted on a strided memmap is slow
+            docs = self.shards.docs
+            self._doc_cols = np.ascontiguousarray(docs[:, OFFSET]), np.ascontiguousarray(docs[:, LANG])
+        offsets, langs = self._doc_cols
+        pos = windows[:, None] * self.seq_len + np.arange(1, self.seq_len + 1)
+        return torch.from_numpy(langs[np.searchsorted(offsets, pos, side="right") - 1])
+
+    # -- exact resume
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
+                "num_tokens": self.shards.num_tokens}
+
+    def state_dict(self) -> dict:
+        """JSON-able; the same on every rank. Batch size may change across a resume."""
+        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, want in self._identity().items():
+            if state.get(key) != want:
+                raise LevanteError(f"cannot resume the data loader: it was saved with {key}="
+                                   f"{state.get(key)}, this run has {key}={want}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.windows_per_rank:
+            raise LevanteError(f"cannot resume the data loader: bad position {epoch}:{position}")
+        self.epoch, self.position = epoch, position
+
+
+# ------------------------------------------------------------------------------ evaluation windows
+
+
+@dataclass
+class LangEval:
+    """One language's held-out documents as scoring windows.
+
+    Byte accounting (what makes bits-per-byte honest): only whole documents are included. The
+    language's documents are concatenated in corpus order, each followed by its eos, with one eos
+    in front as the context of the first token. Every token of every included document, its
+    trailing eos too, is scored exactly once; `num_bytes` is the UTF-8 byte count of exactly those
+    documents' texts. The last window is padded; `mask` marks the scored labels (padding is not).
+    So bits_per_byte = sum(nats over labels where mask) / ln(2) / num_bytes.
+    """
+
+    windows: torch.Tensor  # int64 [N, seq_len + 1]
+    mask: torch.Tensor  # bool [N, seq_len]: which labels are scored
+    num_bytes: int
+    num_docs: int
+    num_tokens: int  # scored tokens == mask.sum()
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.windows[:, :-1]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Labels with -100 (cross_entropy's ignore_index) on the padding."""
+        return self.windows[:, 1:].masked_fill(~self.mask, -100)
+
+    def bits_per_byte(self, total_nats: float) -> float:
+        return total_nats / math.log(2) / self.num_bytes
+
+
+def language_eval_windows(shards: Shards, seq_len: int,
+                          max_windows_per_lang: int | None = None) -> dict[str, LangEval]:
+    """Per-language evaluation windows. With `max_windows_per_lang`, documents are taken whole, in
+    order, while they fit in max_windows * seq_len scored tokens (a longer document is skipped)."""
+    seq_len = _positive_int("seq_len", seq_len)
+    budget = math.inf if max_windows_per_lang is None else \
+        _positive_int("max_windows_per_lang", max_windows_per_lang) * seq_len
+    docs = np.asarray(shards.docs)
+    out: dict[str, LangEval] = {}
+    for code, lang in enumerate(shards.langs):
+        chosen, used = [], 0
+        for d in np.nonzero(docs[:, LANG] == code)[0]:
+            if used + docs[d, LENGTH] <= budget:
+                chosen.append(d)
+                used += int(docs[d, LENGTH])
+        if not chosen:
+            log.warning("no %s document fits in %s eval windows of %d tokens", lang, max_windows_per_lang,
+                        seq_len)
+            continue
+        n = math.ceil(used / seq_len)
+        stream = np.full(n * seq_len + 1, shards.eos_id, dtype=np.int64)
+        pos = 1
+        for d in chosen:
+            off, length = int(docs[d, OFFSET]), int(docs[d, LENGTH])
+            stream[pos:pos + length] = shards.tokens[off:off + length]
+            pos += length
+        idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+        mask = (np.arange(n * seq_len) < used).reshape(n, seq_len)
+        out[lang] = LangEval(torch.from_numpy(stream[idx]), torch.from_numpy(mask),
+                             int(docs[chosen, NBYTES].sum()), len(chosen), used)
+    return out

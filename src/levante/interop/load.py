@@ -1,0 +1,365 @@
+"""Read model checkpoints from disk: Levante checkpoint dirs, trainer run dirs, DeepseekV3 HF dirs.
+
+`from_pretrained` is the public `levante.from_pretrained`. Everything is safetensors + JSON/TOML
+(never pickle). The model is built on the meta device and the loaded tensors are assigned into it,
+so loading holds one copy of the weights, not two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import tomllib
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from levante.config import ConfigError, ModelConfig
+from levante.errors import LevanteError
+from levante.interop.hf_mapping import config_from_hf, hf_to_levante
+from levante.model.moe import moe_layers
+from levante.model.rope import rope_frequencies
+from levante.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+CHECKSUMS = "checksums.json"
+LEVANTE_CONFIGS = ("config.toml", "model.toml")
+TRAINER_JSON = "trainer.json"
+# Routing runs in fp32 (as in DeepSeek's release and transformers): never round these down.
+FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------ finding checkpoints
+
+
+@dataclass
+class Checkpoint:
+    kind: str  # "levante" or "hf"
+    path: Path
+
+
+def _levante_config_file(d: Path) -> Path | None:
+    """Where a checkpoint dir's model config lives: config.toml/model.toml, else the trainer's
+    trainer.json (its "config" holds the run's TOML at save time)."""
+    return next((d / n for n in (*LEVANTE_CONFIGS, TRAINER_JSON) if (d / n).is_file()), None)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(ckpt: Path) -> str | None:
+    """Why `ckpt` fails its checksums.json, or None when it verifies (or has no checksums.json).
+
+    Sizes are checked for every listed file; hashes only for the files a model load reads (the
+    optimizer state can be twice the model and is irrelevant to inference).
+    """
+    listing = ckpt / CHECKSUMS
+    if not listing.is_file():
+        return None
+    try:
+        files = json.loads(listing.read_text(encoding="utf-8"))["files"]
+        entries = {str(k): (v.get("sha256"), v.get("size")) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{listing} is unreadable ({_one_line(e)})"
+    needed = {WEIGHTS, *LEVANTE_CONFIGS, TRAINER_JSON, "tokenizer.json"}
+    for name, (sha, size) in entries.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is listed in {CHECKSUMS} but missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {CHECKSUMS} says {size}"
+        if name in needed and sha and file_sha256(path) != sha:
+            return f"{path} does not match its sha256 in {CHECKSUMS}"
+    return None
+
+
+def _newest_verified(steps_parent: Path) -> Path | None:
+    steps = []
+    for d in steps_parent.iterdir() if steps_parent.is_dir() else ():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / WEIGHTS).is_file() and _levante_config_file(d):
+            steps.append((int(m.group(1)), d))
+    if not steps:
+        return None
+    failures = []
+    for _, d in sorted(steps, reverse=True):
+        problem = verify_checksums(d)
+        if problem is None:
+            return d
+        log.warning("skipping checkpoint %s: %s", d, problem)
+        failures.append(problem)
+    raise LevanteError(f"no intact checkpoint under {steps_parent}: all {len(steps)} fail verification "
+                       f"(newest: {failures[0]})")
+
+
+def resolve_checkpoint(path: str | Path) -> Checkpoint:
+    """A Levante checkpoint dir, a run dir (newest verified checkpoint), or a DeepseekV3 HF dir."""
+    path = Path(path)
+    if not path.exists():
+        raise LevanteError(f"checkpoint path not found: {path}")
+    if not path.is_dir():
+        raise LevanteError(f"{path} is a file; expected a checkpoint directory")
+    if (path / WEIGHTS).is_file() and _levante_config_file(path):
+        problem = verify_checksums(path)
+        if problem:
+            raise LevanteError(f"checkpoint failed verification: {problem}")
+        return Checkpoint("levante", path)
+    if (path / "config.json").is_file():
+        return Checkpoint("hf", path)
+    for parent in (path / "checkpoints", path):
+        found = _newest_verified(parent)
+        if found is not None:
+            return Checkpoint("levante", found)
+    if _levante_config_file(path):
+        raise LevanteError(f"{path} has a config but no {WEIGHTS} and no checkpoints/step_*/ to load")
+    raise LevanteError(f"{path} is not a model directory: expected a Levante checkpoint ({WEIGHTS} + "
+                       "config.toml), a run dir with checkpoints/step_*/, or a DeepseekV3 dir with "
+                       "config.json")
+
+
+# ----------------------------------------------------------------------------------- reading tensors
+
+
+def _load(handle, name: str, file: Path, dtype: torch.dtype | None, device) -> torch.Tensor:
+    try:
+        t = handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LevanteError(f"{file}: cannot read tensor '{name}' ({_one_line(e)})") from None
+    if dtype is not None and t.is_floating_point() and not name.endswith(FP32_TENSORS):
+        t = t.to(dtype)
+    return t.to(device)
+
+
+class _Files:
+    """Open safetensors files on demand (memory-mapped) and name the file in every error."""
+
+    def __init__(self, stack: ExitStack):
+        self.stack, self.handles, self._keys = stack, {}, {}
+
+    def __call__(self, file: Path):
+        if file not in self.handles:
+            try:
+                self.handles[file] = self.stack.enter_context(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise LevanteError(f"{file}: not a readable safetensors file ({_one_line(e)})") from None
+        return self.handles[file]
+
+    def keys(self, file: Path) -> set[str]:
+        if file not in self._keys:
+            self._keys[file] = set(self(file).keys())
+        return self._keys[file]
+
+
+def _config_text(ckpt: Path) -> tuple[Path, str]:
+    """(source, TOML text) of a checkpoint's config; trainer checkpoints fall back to the run's config."""
+    cfg_file = _levante_config_file(ckpt)
+    if cfg_file is None:
+        raise LevanteError(f"{ckpt} has no config.toml")
+    if cfg_file.name != TRAINER_JSON:
+        return cfg_file, cfg_file.read_text(encoding="utf-8")
+    try:
+        text = json.loads(cfg_file.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise LevanteError(f"{cfg_file}: not valid JSON ({_one_line(e)})") from None
+    if isinstance(text, str):
+        return cfg_file, text
+    run_config = ckpt.parent.parent / "config.toml"  # <run>/checkpoints/step_X -> <run>/config.toml
+    if ckpt.parent.name == "checkpoints" and run_config.is_file():
+        return run_config, run_config.read_text(encoding="utf-8")
+    raise LevanteError(f"{ckpt}: no model config (expected config.toml, or a trainer.json with a config)")
+
+
+def load_levante_config(ckpt: Path) -> ModelConfig:
+    """The `[model]` table of a checkpoint's config (a full TrainConfig TOML), or a bare model table."""
+    cfg_file, text = _config_text(ckpt)
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid TOML ({_one_line(e)})") from None
+    # Only the model matters here; other sections (data paths, optimizer) need not be valid on this machine.
+    table = data["model"] if isinstance(data.get("model"), dict) else data
+    try:
+        return ModelConfig.from_dict(table)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+
+
+def read_hf_config(hf_dir: Path) -> ModelConfig:
+    path = hf_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LevanteError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise LevanteError(f"{path}: expected a JSON object")
+    if raw.get("quantization_config"):
+        raise LevanteError(f"{path}: quantized checkpoints are not supported; dequantize to bf16 first")
+    try:
+        return config_from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).removeprefix('config.json ')}") from None
+    except (TypeError, ValueError, KeyError) as e:  # e.g. a string where a number belongs
+        raise ConfigError(f"{path}: invalid DeepseekV3 config ({_one_line(e)})") from None
+
+
+def hf_weight_map(hf_dir: Path, files: _Files) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (from the index, or the single file)."""
+    index = hf_dir / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            out = {str(k): hf_dir / str(v) for k, v in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LevanteError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+        for file in sorted(set(out.values())):
+            if not file.is_file():
+                raise LevanteError(f"shard {file.name} listed in {index} is missing")
+        return out
+    if (hf_dir / WEIGHTS).is_file():
+        return {name: hf_dir / WEIGHTS for name in sorted(files.keys(hf_dir / WEIGHTS))}
+    if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
+        raise LevanteError(f"{hf_dir} has only pickled PyTorch weights; Levante reads safetensors only")
+    raise LevanteError(f"{hf_dir} has no {WEIGHTS} or {HF_INDEX}")
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def read_hf(hf_dir: Path, dtype: torch.dtype | None = None, device="cpu"):
+    """(ModelConfig, Levante state dict) from a DeepseekV3 HF dir, converted one layer at a time.
+
+    MTP layers are kept when present; a config announcing MTP without its weights (transformers'
+    save_pretrained drops them) gives a config with num_nextn_predict_layers = 0.
+    """
+    cfg = read_hf_config(hf_dir)
+    with ExitStack() as stack:
+        files = _Files(stack)
+        where = hf_weight_map(hf_dir, files)
+        n_layers = cfg.num_hidden_layers
+        if cfg.num_nextn_predict_layers and not any(_layer_of(n) >= n_layers for n in where):
+            log.info("%s announces %d MTP layer(s) but holds no MTP weights: loading without MTP",
+                     hf_dir, cfg.num_nextn_predict_layers)
+            cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+        groups: dict[int, list[str]] = {}
+        for name in where:
+            groups.setdefault(_layer_of(name), []).append(name)
+        state: dict[str, torch.Tensor] = {}
+        for layer in sorted(groups):
+            # One layer's raw tensors at a time: experts are stacked, then the originals are dropped.
+            raw = {}
+            for name in groups[layer]:
+                file = where[name]
+                if name not in files.keys(file):
+                    raise LevanteError(f"tensor '{name}' is listed in {HF_INDEX} but not in {file.name}")
+                raw[name] = _load(files(file), name, file, dtype, device)
+            try:
+                state.update(hf_to_levante(raw, dataclasses.replace(cfg, tie_word_embeddings=False)))
+            except ConfigError as e:
+                raise ConfigError(f"{hf_dir}: {e}") from None
+    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return cfg, state
+
+
+def read_levante(ckpt: Path, dtype: torch.dtype | None = None, device="cpu"):
+    """(ModelConfig, state dict) from a Levante checkpoint dir."""
+    cfg = load_levante_config(ckpt)
+    with ExitStack() as stack:
+        files = _Files(stack)
+        file = ckpt / WEIGHTS
+        state = {n: _load(files(file), n, file, dtype, device) for n in sorted(files.keys(file))}
+    if cfg.tie_word_embeddings:
+        # A tied checkpoint may store the shared matrix once, under either name.
+        shared = state.get("embed_tokens.weight", state.get("lm_head.weight"))
+        if shared is not None:
+            state["embed_tokens.weight"] = state["lm_head.weight"] = shared
+    return cfg, state
+
+
+def read_checkpoint(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, device="cpu"):
+    """(ModelConfig, Levante state dict, Checkpoint) for any supported path; the state is validated."""
+    ckpt = path if isinstance(path, Checkpoint) else resolve_checkpoint(path)
+    reader = read_levante if ckpt.kind == "levante" else read_hf
+    cfg, state = reader(ckpt.path, dtype, device)
+    check_state(state, cfg, ckpt.path)
+    return cfg, state, ckpt
+
+
+# ------------------------------------------------------------------------------------ validating
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, source) -> None:
+    """Names and shapes must match the model the config describes, exactly."""
+    expected = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ConfigError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ConfigError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) "
+                          f"for this config")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise ConfigError(f"{source}: tensor '{k}' has shape {list(state[k].shape)}, "
+                              f"the config expects {list(shape)}")
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype) not in named:
+        raise LevanteError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return named[str(dtype)]
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> Transformer:
+    """Load a Levante checkpoint dir, a trainer run dir (newest verified checkpoint) or a DeepseekV3
+    HF dir as an eval-mode `Transformer`. `dtype=None` keeps the checkpoint's dtypes."""
+    device = torch.device(device)
+    cfg, state, _ = read_checkpoint(path, _as_dtype(dtype), device)
+    model = meta_model(cfg)
+    model.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
+    del state
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Non-persistent buffers are not in checkpoints: rebuild them on the target device.
+    model.inv_freq = rope_frequencies(cfg)[0].to(device)
+    for moe in moe_layers(model):
+        moe.tokens_per_expert = torch.zeros(cfg.n_routed_experts, device=device)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: tensor '{left[0]}' was not materialised")
+    return model.eval()

@@ -1,0 +1,56 @@
+"""Rich progress display for training: a live bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from levante.config import TrainConfig
+from levante.train.trainer import Trainer, TrainResult
+
+
+def format_record(r: dict) -> str:
+    if "eval" in r:
+        ev = r["eval"]
+        langs = " ".join(f"{k}={v['bpb']:.2f}" for k, v in ev.get("per_language", {}).items())
+        return f"eval step {r['step']}: loss {ev['loss']:.3f} bpb {ev['bpb']:.3f} | {langs}"
+    parts = [f"step {r['step']}", f"loss {r['loss']:.3f}"]
+    if "mtp_loss" in r:
+        parts.append(f"mtp {r['mtp_loss']:.3f}")
+    parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu") == r.get("mfu"):  # not NaN
+        parts.append(f"MFU {r['mfu']:.1%}")
+    if "load_max_over_mean" in r:
+        parts.append(f"load max/mean {r['load_max_over_mean']:.2f}")
+    parts.append(f"ETA {r['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
+
+
+def train_with_progress(cfg: TrainConfig, out: str | Path, resume: bool = False,
+                        console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    if not console.is_terminal:
+        trainer = Trainer(cfg, out, on_log=lambda r: console.print(format_record(r)))
+        return trainer.fit(resume=resume)
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console)
+    task = progress.add_task("train", total=cfg.run.steps, status="starting")
+
+    def on_log(r: dict):
+        if "eval" in r:
+            progress.console.print(format_record(r))
+        else:
+            status = f"loss {r['loss']:.3f} | {r['tokens_per_s']:,.0f} tok/s"
+            if r.get("mfu") == r.get("mfu"):
+                status += f" | MFU {r['mfu']:.1%}"
+            if "load_max_over_mean" in r:
+                status += f" | load {r['load_max_over_mean']:.2f}"
+            progress.update(task, completed=r["step"], status=status)
+
+    with progress:
+        trainer = Trainer(cfg, out, on_log=on_log)
+        progress.update(task, completed=trainer.step)
+        return trainer.fit(resume=resume)

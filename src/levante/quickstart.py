@@ -1,0 +1,143 @@
+"""`levante quickstart`: the whole flow on the bundled sample corpus, in minutes on a laptop CPU.
+
+tokenizer -> token shards -> train the `tiny` MoE -> held-out eval per language (before and after)
+-> samples in several languages -> report.html. Everything lands in one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from levante.config import DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from levante.data.readers import bundled_corpus
+from levante.data.shards import tokenize_corpus
+from levante.errors import LevanteError
+from levante.infer.engine import SamplingParams, generate_text
+from levante.progress import train_with_progress
+from levante.report import write_report
+from levante.tokenizer import train_tokenizer
+from levante.train.trainer import Trainer
+from levante.util import atomic_write_text
+
+MARKER = ".levante-quickstart"
+PROMPTS = [("en", "The old library"), ("de", "Am Morgen"), ("fr", "Le marché"), ("el", "Η θάλασσα")]
+
+
+def quickstart_config(out: Path, steps: int) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig.preset("tiny"),
+        data=DataConfig(tokenizer=str(out / "tokenizer" / "tokenizer.json"), train=str(out / "data" / "train"),
+                        valid=str(out / "data" / "valid"), seq_len=256),
+        optim=OptimConfig(name="muon", lr=3e-3, muon_lr=3e-3, weight_decay=0.1),
+        schedule=ScheduleConfig(name="wsd", warmup_steps=min(20, max(steps // 10, 1)), decay_fraction=0.3),
+        run=RunConfig(steps=steps, micro_batch_size=8, grad_accum=1, log_every=max(steps // 40, 1),
+                      eval_every=max(steps // 4, 1), eval_batches=4, ckpt_every=max(steps // 4, 1), keep_last=2),
+    ).validate()
+
+
+def _prepare_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LevanteError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise LevanteError(f"{out} is not empty and is not a previous quickstart directory; choose --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by levante quickstart; safe to delete\n")
+
+
+def _calibrate(cfg: TrainConfig) -> tuple[float, dict]:
+    """Seconds per training step on this machine, and the untrained model's held-out eval.
+
+    A throwaway trainer with the same seed builds the same initial weights as the real run.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Trainer(cfg, tmp)
+        untrained = probe.evaluate()
+        probe.train_step()  # warm-up: allocator, kernel selection
+        t = time.perf_counter()
+        for _ in range(2):
+            probe.train_step()
+        return (time.perf_counter() - t) / 2, untrained
+
+
+def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: int | None = None,
+                   console: Console | None = None) -> dict:
+    console = console or Console()
+    out = Path(out)
+    if steps is None and minutes <= 0:
+        raise LevanteError(f"--minutes must be positive, got {minutes}")
+    _prepare_dir(out)
+    started = time.perf_counter()
+    train_files, valid_files = bundled_corpus("train"), bundled_corpus("valid")
+
+    console.rule("[bold]1/5 tokenizer")
+    tok = train_tokenizer(train_files, out / "tokenizer", vocab_size=8192, alpha=0.3, eval_paths=valid_files)
+    console.print(f"byte-level BPE, {tok.vocab_size} tokens, {len(tok.languages)} languages -> {tok.path}")
+
+    console.rule("[bold]2/5 token shards")
+    workers = max(1, min(2, os.cpu_count() or 1))
+    for split, files in (("train", train_files), ("valid", valid_files)):
+        index = tokenize_corpus(files, tok.path, out / "data" / split, workers=workers)
+        console.print(f"{split}: {index.num_tokens:,} tokens, {index.num_documents} documents")
+
+    console.rule("[bold]3/5 train tiny MoE")
+    probe_cfg = quickstart_config(out, steps=1000)
+    step_s, untrained = _calibrate(probe_cfg)
+    if steps is None:
+        steps = max(20, int(minutes * 60 / step_s))
+    cfg = quickstart_config(out, steps)
+    n_params = cfg.model
+    console.print(f"{steps} steps (~{step_s:.2f} s each), untrained held-out bpb {untrained['bpb']:.3f}")
+    result = train_with_progress(cfg, out, console=console)
+
+    console.rule("[bold]4/5 evaluation")
+    trained = result.eval
+    eval_result = {"untrained": untrained, "trained": trained}
+    atomic_write_text(out / "eval.json", json.dumps(eval_result, indent=2))
+    table = Table(title="held-out bits per byte")
+    for col in ("lang", "untrained", "trained"):
+        table.add_column(col, justify="right")
+    for lang in sorted(trained["per_language"]):
+        table.add_row(lang, f"{untrained['per_language'][lang]['bpb']:.3f}",
+                      f"{trained['per_language'][lang]['bpb']:.3f}")
+    table.add_row("all", f"{untrained['bpb']:.3f}", f"{trained['bpb']:.3f}", style="bold")
+    console.print(table)
+
+    console.rule("[bold]5/5 samples")
+    from levante.interop.load import from_pretrained
+    from levante.tokenizer import LevanteTokenizer
+
+    model = from_pretrained(result.checkpoint)
+    tokenizer = LevanteTokenizer(result.checkpoint / "tokenizer.json")
+    samples = []
+    for i, (lang, prompt) in enumerate(PROMPTS):
+        params = SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=i)
+        text = generate_text(model, tokenizer, prompt, params)
+        samples.append((f"[{lang}] {prompt}", prompt + text))
+        console.print(f"[bold]{lang}[/bold] {prompt}{text}")
+    atomic_write_text(out / "samples.txt", "".join(f"{p}\n{t}\n\n" for p, t in samples))
+
+    elapsed = time.perf_counter() - started
+    with torch.device("meta"):
+        from levante.model.transformer import Transformer
+
+        meta = Transformer(n_params)
+    summary = {
+        "model": f"tiny MoE, {meta.num_params() / 1e6:.1f}M params ({meta.num_params(active=True) / 1e6:.1f}M active)",
+        "steps": result.steps, "tokens trained": f"{result.tokens:,}",
+        "held-out bpb": f"{untrained['bpb']:.3f} untrained -> {trained['bpb']:.3f} trained",
+        "checkpoint": str(result.checkpoint), "wall time": f"{elapsed / 60:.1f} min",
+    }
+    report = write_report(out, eval_result, samples, summary)
+    console.print(f"report: {report}  ({elapsed / 60:.1f} min in all)")
+    return {"eval": eval_result, "checkpoint": result.checkpoint, "report": report, "steps": result.steps}

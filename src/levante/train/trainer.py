@@ -1,0 +1,209 @@
+"""The training loop: one process on CPU or GPU; parallelism and compile are applied from outside the model.
+
+Per optimizer step: `grad_accum` micro-batches forward/backward, clip, optimizer step, then the
+aux-loss-free router-bias update from the expert loads of the whole step. Checkpoints capture
+weights, optimizer, data position and RNG states, so `resume=True` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from levante.config import TrainConfig
+from levante.data.loader import TokenLoader, language_eval_windows
+from levante.data.shards import open_shards
+from levante.errors import LevanteError
+from levante.evaluation import evaluate_languages, summarize
+from levante.model.moe import expert_load_stats, update_router_bias
+from levante.model.transformer import Transformer
+from levante.tokenizer import LevanteTokenizer
+from levante.train.checkpoint import load_latest, save_checkpoint
+from levante.train.metrics import MetricsWriter, measure_cpu_matmul_peak, mfu, model_flops_per_token
+from levante.train.optim import build_optimizer, clip_grad_norm
+from levante.train.schedule import apply_lr, lr_multiplier
+from levante.util import atomic_write_text
+
+log = logging.getLogger("levante")
+
+# Dense bf16 peaks for MFU on GPUs we recognise (FLOP/s); CPUs are measured at start-up instead.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float
+    eval: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LevanteError("run.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return float("nan")
+    return measure_cpu_matmul_peak(seconds=0.5)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, on_log: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.on_log = on_log or (lambda record: None)
+        self.device = pick_device(cfg.run.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+
+        if not cfg.data.tokenizer or not cfg.data.train:
+            raise LevanteError("config needs data.tokenizer and data.train (run `levante tokenize` first)")
+        self.tokenizer = LevanteTokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise LevanteError(f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                               f"{cfg.model.vocab_size}")
+        if (self.tokenizer.bos_id, self.tokenizer.eos_id) != (cfg.model.bos_token_id, cfg.model.eos_token_id):
+            raise LevanteError("model.bos_token_id/eos_token_id do not match the tokenizer's special tokens")
+        sha = self.tokenizer.sha256
+        self.train_shards = open_shards(cfg.data.train, expected_tokenizer_sha256=sha)
+        self.valid_shards = (open_shards(cfg.data.valid, expected_tokenizer_sha256=sha)
+                             if cfg.data.valid else None)
+
+        seed_everything(cfg.run.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader = TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed)
+        self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len)
+                          if self.valid_shards is not None else {})
+        self.forward = torch.compile(self.model) if cfg.run.compile else self.model
+        self.step = 0
+        self.tokens = 0
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # ---------------------------------------------------------------- state
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                               keep_last=self.cfg.run.keep_last, tokenizer_path=self.cfg.data.tokenizer,
+                               config_text=self.cfg.dumps())
+
+    def resume(self) -> bool:
+        found = load_latest(self.out_dir, self.model, self.optimizer)
+        if found is None:
+            return False
+        path, state = found
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.loader.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ---------------------------------------------------------------- loop
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        model = self.model
+        model.train()
+        apply_lr(self.optimizer, lr_multiplier(self.step, cfg.run.steps, cfg.schedule))
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        for _ in range(cfg.run.grad_accum):
+            inputs, targets = self.loader.next_batch()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast:
+                out = self.forward(inputs, targets=targets)
+            (out.loss / cfg.run.grad_accum).backward()
+            for key in sums:
+                value = getattr(out, key)
+                if value is not None:
+                    sums[key] += float(value.detach()) / cfg.run.grad_accum
+            self.tokens += inputs.numel()
+        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
+                               "(lower the learning rate)")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {**sums, **expert_load_stats(model), "grad_norm": grad_norm,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        update_router_bias(model, cfg.model.bias_update_speed)
+        self.step += 1
+        return {k: v for k, v in record.items() if not (k in ("mtp_loss", "aux_loss") and v == 0.0)}
+
+    def evaluate(self) -> dict:
+        if not self.eval_sets:
+            return {}
+        self.model.eval()
+        with self.autocast:
+            batch = self.cfg.run.micro_batch_size
+            per_lang = evaluate_languages(self.model, self.eval_sets, batch_size=batch, device=self.device,
+                                          max_windows=self.cfg.run.eval_batches * batch)
+        return {"per_language": per_lang, **summarize(per_lang)}
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.toml", cfg.dumps())
+        if resume:
+            self.resume()
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", resume_step=self.step)
+        start_time, start_step = time.perf_counter(), self.step
+        last_time, last_tokens = start_time, self.tokens
+        record, eval_result, ckpt = {}, {}, None
+        try:
+            while self.step < cfg.run.steps:
+                record = self.train_step()
+                now = time.perf_counter()
+                if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+                    tps = (self.tokens - last_tokens) / max(now - last_time, 1e-9)
+                    done = self.step - start_step
+                    eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
+                    record.update(step=self.step, tokens=self.tokens, tokens_per_s=tps, eta_s=eta,
+                                  mfu=mfu(tps, self.flops_per_token, self.peak), elapsed_s=now - start_time)
+                    metrics.write(record)
+                    self.on_log(record)
+                    last_time, last_tokens = now, self.tokens
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
+                    eval_result = self.evaluate()
+                    if eval_result:
+                        metrics.write({"step": self.step, "eval": eval_result})
+                        self.on_log({"step": self.step, "eval": eval_result})
+                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < cfg.run.steps:
+                    ckpt = self.save()
+            eval_result = self.evaluate()
+            if eval_result:
+                metrics.write({"step": self.step, "eval": eval_result})
+                self.on_log({"step": self.step, "eval": eval_result})
+            ckpt = self.save()
+        finally:
+            metrics.close()
+        return TrainResult(self.out_dir, self.step, self.tokens, record.get("loss", float("nan")),
+                           eval_result, ckpt)
