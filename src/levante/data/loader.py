@@ -170,6 +170,8 @@ def language_eval_windows(shards: Shards, seq_len: int,
             if used + docs[d, LENGTH] <= budget:
                 chosen.append(d)
                 used += int(docs[d, LENGTH])
+                if used == budget:
+                    break
         if not chosen:
             log.warning("no %s document fits in %s eval windows of %d tokens", lang, max_windows_per_lang,
                         seq_len)

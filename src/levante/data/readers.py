@@ -106,7 +106,8 @@ def _open_zst(path: Path):
         import zstandard
     except ImportError:
         raise LevanteError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    # read_across_frames: files written by parallel compressors hold many frames
+    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
 
 
 def _valid_text(text, stats: ReadStats, where: str) -> str | None:

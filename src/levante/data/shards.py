@@ -145,7 +145,8 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
     """Tokenize every document under `paths` into a shard directory `out_dir`.
 
     Chunks are collected from the worker pool in submission order, so the output is byte-identical
-    for any number of workers.
+    for any number of workers. Workers are spawned (safe when the caller holds threads), so a script
+    calling this with workers > 1 needs the usual `if __name__ == "__main__":` guard.
     """
     from levante.tokenizer.train import LevanteTokenizer
 
@@ -181,6 +182,8 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
 
         index = _write_index(tmp, tok, dtype, langs, lengths, nbytes, stats)
         if out_dir.exists():
+            if any(out_dir.iterdir()) and not overwrite:  # appeared while we worked: not ours to drop
+                raise LevanteError(f"output directory {out_dir} is not empty (pass overwrite to replace it)")
             trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, trash)
             os.replace(tmp, out_dir)

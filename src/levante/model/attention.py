@@ -87,10 +87,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope[:, :, None, :].expand(b, t, h, self.rope_dim)), dim=-1)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:  # fused (flash) SDPA kernels want one head dim for q, k and v: pad v, slice after
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
         )
-        return out.transpose(1, 2)  # [B, T, H, v_dim]
+        return out.transpose(1, 2)[..., : self.v_dim]  # [B, T, H, v_dim]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int):
         """Attention straight against the cached latent: W_uk folds into q, W_uv into the output."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import tempfile
 import zlib
@@ -212,7 +213,8 @@ class TrainReport:
 
 
 def _check_vocab_size(vocab_size: int) -> None:
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_VOCAB_SIZE:
+    if not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool) \
+            or vocab_size < MIN_VOCAB_SIZE:
         raise LevanteError(
             f"vocab_size {vocab_size!r} is too small: need at least {MIN_VOCAB_SIZE} "
             f"({len(SPECIAL_TOKENS)} special + 256 byte tokens + {MIN_MERGES} merges)")
@@ -274,7 +276,7 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=2, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(batches(), trainer)
@@ -287,7 +289,7 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     write_hf_tokenizer_files(json_path, json_path.parent)
     loaded = LevanteTokenizer(json_path)
 
-    report = TrainReport(json_path, loaded.sha256, loaded.vocab_size, vocab_size, alpha, seed,
+    report = TrainReport(json_path, loaded.sha256, loaded.vocab_size, int(vocab_size), alpha, seed,
                          languages, read=stats.to_dict())
     if eval_paths:
         eval_stats = ReadStats()
