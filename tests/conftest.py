@@ -58,7 +58,8 @@ def _subprocess_env() -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONWARNINGS", None)
+    for name in ("PYTHONWARNINGS", "FORCE_COLOR", "CLICOLOR_FORCE"):  # plain, parseable output
+        env.pop(name, None)
     return env
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from levante.errors import LevanteError
@@ -52,7 +53,7 @@ def tokenizer_train(
     fert = getattr(report, "fertility", None) or {}
     for lang, s in report.languages.items():
         f = fert.get(lang)
-        table.add_row(lang, str(s.docs), f"{s.bytes_seen:,}", f"{s.natural_share:.1%}", f"{s.sampled_share:.1%}",
+        table.add_row(lang, str(s.docs_seen), f"{s.bytes_seen:,}", f"{s.share_seen:.1%}", f"{s.share_sampled:.1%}",
                       f"{f.tokens_per_byte:.3f}" if f else "-",
                       f"{f.parity:.2f}" if f and f.parity is not None else "-")
     console.print(table)
@@ -70,10 +71,15 @@ def tokenize(
     from levante.data.shards import tokenize_corpus
 
     index = tokenize_corpus(data, tokenizer, out, workers=workers, overwrite=overwrite)
-    console.print(f"wrote {index.num_tokens:,} tokens from {index.num_documents:,} documents to {out}")
-    rejected = index.read.get("rejected", {}) if isinstance(getattr(index, "read", None), dict) else {}
-    if rejected:
-        console.print(f"rejected records: {rejected}")
+    table = Table(title=f"{out}: {index.num_tokens:,} tokens from {index.num_documents:,} documents")
+    for col in ("lang", "docs", "tokens", "bytes", "tokens/byte"):
+        table.add_column(col, justify="right")
+    for lang, n in sorted(index.per_lang.items()):
+        ratio = n["tokens"] / max(n["bytes"], 1)
+        table.add_row(lang, f"{n['docs']:,}", f"{n['tokens']:,}", f"{n['bytes']:,}", f"{ratio:.3f}")
+    console.print(table)
+    if index.rejected:
+        console.print(f"rejected records (counted, not tokenized): {index.rejected}")
 
 
 @app.command()
@@ -186,10 +192,11 @@ def main() -> None:
     try:
         app()  # click handles usage errors itself (message + exit 2); ours arrive here
     except LevanteError as e:
-        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True, markup=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        err_console.print(f"[red]error:[/red] {e.strerror or e}: {e.filename}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e.strerror or e))}: {escape(str(e.filename))}",
+                          soft_wrap=True)
         sys.exit(2)
 
 

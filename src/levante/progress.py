@@ -32,7 +32,8 @@ def train_with_progress(cfg: TrainConfig, out: str | Path, resume: bool = False,
                         console: Console | None = None) -> TrainResult:
     console = console or Console()
     if not console.is_terminal:
-        trainer = Trainer(cfg, out, on_log=lambda r: console.print(format_record(r)))
+        # Plain log lines: one record per line, never wrapped, so log files stay greppable.
+        trainer = Trainer(cfg, out, on_log=lambda r: console.print(format_record(r), soft_wrap=True))
         return trainer.fit(resume=resume)
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

@@ -32,6 +32,7 @@ import numpy as np
 
 from levante.data.readers import UNKNOWN_LANG, ReadStats, read_documents
 from levante.errors import LevanteError
+from levante.util import fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,6 @@ def _chunks(docs, size: int, langs_out: list[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 @dataclass
 class ShardIndex:
     path: Path
@@ -190,7 +184,7 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent, strict=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,19 +213,8 @@ def _write_index(tmp: Path, tok, dtype, langs, lengths, nbytes, stats: ReadStats
     index = ShardIndex(tmp, tok.sha256, tok.vocab_size, dtype.name, tok.eos_id,
                        int(table[:, LENGTH].sum()), len(table), codes, per_lang,
                        dict(sorted(stats.rejected.items())))
-    _fsync_write(tmp / INDEX_FILE, (json.dumps(index.to_json(), indent=2) + "\n").encode())
+    write_durable(tmp / INDEX_FILE, (json.dumps(index.to_json(), indent=2) + "\n").encode())
     return index
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (Windows)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -34,6 +34,7 @@ from levante.interop.load import (
     read_checkpoint,
     resolve_checkpoint,
 )
+from levante.util import fsync_dir, fsync_file, write_durable
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -46,28 +47,8 @@ _KEEP_FP32 = ("e_score_correction_bias",)
 # ------------------------------------------------------------------------------ atomic directories
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_json(path: Path, obj) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_durable(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
@@ -87,14 +68,14 @@ def _staging(dst: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
-        _fsync_dir(tmp)
+        fsync_dir(tmp, strict=True)
         old = None
         if dst.is_dir() and any(dst.iterdir()):
             # rename() cannot replace a non-empty dir: move the old one aside, swap, then delete it.
             old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(dst, old)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent, strict=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -104,7 +85,7 @@ def _staging(dst: Path) -> Iterator[Path]:
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})  # transformers requires "format"
-    _fsync_file(path)
+    fsync_file(path)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -158,7 +139,7 @@ def _export_tokenizer(ckpt_dir: Path, out: Path, cfg: ModelConfig) -> None:
         # Tokenizer files that came from an HF import: pass them through untouched.
         for name in HF_TOKENIZER_FILES:
             if (ckpt_dir / name).is_file():
-                _write_bytes(out / name, (ckpt_dir / name).read_bytes())
+                write_durable(out / name, (ckpt_dir / name).read_bytes())
         return
     from levante.tokenizer import write_hf_tokenizer_files
 
@@ -215,9 +196,9 @@ def import_hf(src_dir: str | Path, dst_dir: str | Path, overwrite: bool = False)
     with _staging(dst) as out:
         _save_safetensors(state, out / WEIGHTS)
         del state
-        _write_bytes(out / "config.toml", TrainConfig(model=cfg).dumps().encode())
+        write_durable(out / "config.toml", TrainConfig(model=cfg).dumps().encode())
         for name in HF_TOKENIZER_FILES:
             if (ckpt.path / name).is_file():
-                _write_bytes(out / name, (ckpt.path / name).read_bytes())
+                write_durable(out / name, (ckpt.path / name).read_bytes())
         write_checksums(out)
     return dst

@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import numbers
-import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from levante.data.readers import UNKNOWN_LANG, ReadStats, read_documents
 from levante.errors import LevanteError
 from levante.tokenizer.parity import Fertility, fertility
+from levante.util import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +43,6 @@ CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same dir + fsync + rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -135,9 +119,10 @@ def write_hf_tokenizer_files(tokenizer_json_path: str | Path, out_dir: str | Pat
     `AutoTokenizer.from_pretrained(out_dir)` works offline. Returns the files written."""
     src, out_dir = Path(tokenizer_json_path), Path(out_dir)
     LevanteTokenizer(src)  # refuse to export something that is not a Levante tokenizer
+    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "tokenizer.json"
     if not (target.exists() and target.resolve() == src.resolve()):
-        _atomic_write(target, src.read_bytes())
+        atomic_write_bytes(target, src.read_bytes())
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -154,7 +139,7 @@ def write_hf_tokenizer_files(tokenizer_json_path: str | Path, out_dir: str | Pat
     for name, obj in (("tokenizer_config.json", config),
                       ("special_tokens_map.json", {**specials,
                                                    "additional_special_tokens": list(SPECIAL_TOKENS[3:])})):
-        _atomic_write(out_dir / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(out_dir / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
         written.append(out_dir / name)
     return written
 
@@ -285,7 +270,8 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     if tok.get_vocab_size() < vocab_size:
         log.warning("corpus too small for vocab_size %d: trained %d tokens", vocab_size, tok.get_vocab_size())
 
-    _atomic_write(json_path, tok.to_str(pretty=True).encode("utf-8"))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(json_path, tok.to_str(pretty=True).encode("utf-8"))
     write_hf_tokenizer_files(json_path, json_path.parent)
     loaded = LevanteTokenizer(json_path)
 

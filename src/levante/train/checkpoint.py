@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from levante.errors import LevanteError
+from levante.util import fsync_dir, fsync_file, write_durable
 
 log = logging.getLogger("levante")
 
@@ -74,29 +75,6 @@ def _list(root: Path) -> list[Path]:
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Finished checkpoint directories of a run, newest (highest step) first."""
     return _list(checkpoints_root(run_dir))
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory (Windows): nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -270,26 +248,26 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         written = [MODEL_FILE]
         if optim:
             save_file(optim[0], str(tmp / OPTIM_TENSORS))
-            _write_text(tmp / OPTIM_JSON, optim_text)
+            write_durable(tmp / OPTIM_JSON, optim_text)
             written += [OPTIM_TENSORS, OPTIM_JSON]
-        _write_text(tmp / TRAINER_JSON, trainer_text)
+        write_durable(tmp / TRAINER_JSON, trainer_text)
         written.append(TRAINER_JSON)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
             written.append(TOKENIZER_FILE)
         if config_text is not None:
-            _write_text(tmp / CONFIG_FILE, config_text)
+            write_durable(tmp / CONFIG_FILE, config_text)
             written.append(CONFIG_FILE)
         for name in written:
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         sums = {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
                 for name in written}
-        _write_text(tmp / CHECKSUMS, _dumps({"format": FORMAT_VERSION, "files": sums}, "checksums"))
-        _fsync_dir(tmp)
+        write_durable(tmp / CHECKSUMS, _dumps({"format": FORMAT_VERSION, "files": sums}, "checksums"))
+        fsync_dir(tmp, strict=True)
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
             _remove_dir(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root, strict=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -310,7 +288,7 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
             older.append(path)
     for path in older[keep_last - 1:]:
         _remove_dir(path)
-    _fsync_dir(root)
+    fsync_dir(root, strict=True)
 
 
 # ---------------------------------------------------------------------------------------- verify

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 
 from levante.config import ModelConfig
 from levante.errors import LevanteError
+from levante.util import atomic_write_text
 
 # ------------------------------------------------------------------------------------------ FLOPs
 
@@ -142,12 +142,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _rewrite(self, lines: list[str]) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(_plain(record), allow_nan=False) + "\n")
