@@ -186,3 +186,15 @@ def test_unknown_config_key_suggests_the_closest():
         ModelConfig.from_dict({"hiden_size": 64})
     with pytest.raises(ConfigError, match="unknown model preset"):
         ModelConfig.preset("tiniest")
+
+
+def test_grouped_mm_probe_is_not_fooled_by_no_grad():
+    """The first MoE forward is often an eval under no_grad; the kernel probe must still see backward."""
+    moe_mod._grouped_mm_works.cache_clear()
+    try:
+        with torch.no_grad():
+            under_no_grad = moe_mod._grouped_mm_works("cpu", torch.float32)
+        moe_mod._grouped_mm_works.cache_clear()
+        assert under_no_grad == moe_mod._grouped_mm_works("cpu", torch.float32)
+    finally:
+        moe_mod._grouped_mm_works.cache_clear()

@@ -68,13 +68,14 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if fn is None:
         return False
+    # Deterministic inputs: the probe must not consume the global RNG (exact resume relies on it).
+    x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
     try:
-        # Deterministic inputs: the probe must not consume the global RNG (exact resume relies on it).
-        x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        y = fn(x, w, offs=offs)
-        y.backward(torch.ones_like(y))  # a dense gradient, as the model produces
+        with torch.enable_grad():  # the first call may come from an eval under no_grad
+            y = fn(x, w, offs=offs)
+            y.backward(torch.ones_like(y))  # a dense gradient, as the model produces
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
@@ -90,8 +91,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         offs = counts.cumsum(0).to(torch.int32)
         return fn(x, weight.transpose(1, 2), offs=offs)
     # Fallback: one matmul per expert over its contiguous slice.
+    # unbind, not weight[e]: its backward stacks the per-expert grads instead of filling E full-size zeros.
     chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)], dim=0)
+    return torch.cat([chunk @ w.T for w, chunk in zip(weight.unbind(0), chunks)], dim=0)
 
 
 class GroupedExperts(nn.Module):
