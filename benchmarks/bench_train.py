@@ -92,13 +92,15 @@ def hf_state_from_levante(lv_state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def build_hf(cfg: ModelConfig, lv_model: Transformer):
+def build_hf(cfg: ModelConfig, lv_model: Transformer, experts: str | None = None):
     import transformers
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     transformers.utils.logging.set_verbosity_error()
     hf_cfg = DeepseekV3Config(**config_to_hf(cfg))
-    hf = DeepseekV3ForCausalLM(hf_cfg)  # default attention / experts implementation
+    if experts:  # e.g. "eager": transformers' per-expert loop instead of its default kernel
+        hf_cfg._experts_implementation = experts
+    hf = DeepseekV3ForCausalLM(hf_cfg)  # default attention / experts implementation unless asked
     state = hf_state_from_levante(lv_model.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     # Non-persistent buffers (rotary inv_freq) are not in either state dict.
@@ -185,6 +187,8 @@ def parse_args(argv=None):
                    help="Levante optimizers for the training-step rows, comma-separated from muon,adamw "
                         "(default: both; HF always uses torch.optim.AdamW)")
     p.add_argument("--no-step", action="store_true", help="forward+backward only, no training-step rows")
+    p.add_argument("--hf-experts", default=None,
+                   help="transformers experts implementation (e.g. eager, grouped_mm); default: its own choice")
     p.add_argument("--hf-use-cache", action="store_true",
                    help="call HF with use_cache=True (its config default; builds a KV cache even in training). "
                         "Default: use_cache=False, as a training loop does")
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
     if "hf" in sides:
         import transformers
 
-        hf, impl = build_hf(cfg, lv)
+        hf, impl = build_hf(cfg, lv, args.hf_experts)
         result["transformers"] = transformers.__version__
         result["hf"] = {**impl, "use_cache": args.hf_use_cache,
                         "optimizer": "torch.optim.AdamW (default foreach/fused)"}

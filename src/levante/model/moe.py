@@ -81,6 +81,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@torch.compiler.disable  # data-dependent group sizes; the fake kernel also wants bf16: stay eager here
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ weight[e].T, rows sorted by expert.
 
@@ -93,7 +94,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     # Fallback: one matmul per expert over its contiguous slice.
     # unbind, not weight[e]: its backward stacks the per-expert grads instead of filling E full-size zeros.
     chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ w.T for w, chunk in zip(weight.unbind(0), chunks)], dim=0)
+    return torch.cat([chunk @ w.T for w, chunk in zip(weight.unbind(0), chunks, strict=True)], dim=0)
 
 
 class GroupedExperts(nn.Module):

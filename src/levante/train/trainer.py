@@ -129,7 +129,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
-    def train_step(self) -> dict:
+    def train_step(self, per_language: bool = False) -> dict:
+        """One optimizer step. With `per_language`, also the last micro-batch's loss per language."""
         cfg = self.cfg
         model = self.model
         model.train()
@@ -146,6 +147,7 @@ class Trainer:
                 if value is not None:
                     sums[key] += float(value.detach()) / cfg.run.grad_accum
             self.tokens += inputs.numel()
+        lang_loss = self._loss_per_language(out.logits, targets) if per_language else {}
         grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
         if not math.isfinite(grad_norm):
             raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
@@ -154,9 +156,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         record = {**sums, **expert_load_stats(model), "grad_norm": grad_norm,
                   "lr": self.optimizer.param_groups[0]["lr"]}
+        if lang_loss:
+            record["loss_per_language"] = lang_loss
         update_router_bias(model, cfg.model.bias_update_speed)
         self.step += 1
         return {k: v for k, v in record.items() if not (k in ("mtp_loss", "aux_loss") and v == 0.0)}
+
+    @torch.no_grad()
+    def _loss_per_language(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        token_loss = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), targets.flatten(),
+                                                       reduction="none")
+        langs = self.loader.label_lang_ids().flatten().to(token_loss.device)
+        n = len(self.train_shards.langs)
+        sums = torch.zeros(n, device=token_loss.device).index_add_(0, langs, token_loss)
+        counts = torch.bincount(langs, minlength=n)
+        return {lang: float(sums[i] / counts[i]) for i, lang in enumerate(self.train_shards.langs) if counts[i]}
 
     def evaluate(self) -> dict:
         if not self.eval_sets:
@@ -180,9 +194,10 @@ class Trainer:
         record, eval_result, ckpt = {}, {}, None
         try:
             while self.step < cfg.run.steps:
-                record = self.train_step()
+                log_now = (self.step + 1) % cfg.run.log_every == 0 or self.step + 1 == cfg.run.steps
+                record = self.train_step(per_language=log_now)
                 now = time.perf_counter()
-                if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+                if log_now:
                     tps = (self.tokens - last_tokens) / max(now - last_time, 1e-9)
                     done = self.step - start_step
                     eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
