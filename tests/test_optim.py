@@ -97,11 +97,13 @@ def test_newton_schulz_makes_singular_values_near_uniform():
     g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     raw = torch.linalg.svdvals(g)
     assert raw.max() / raw.min() > 3  # a genuinely non-orthogonal input
-    s = torch.linalg.svdvals(orthogonalize(g, 5))
+    out = orthogonalize(g, 5)
+    s = torch.linalg.svdvals(out.float())  # bf16 on CPUs with fast bf16 matmuls
     assert s.min() > 0.6 and s.max() < 1.25
-    # Same for the transposed (wide) orientation.
-    s_t = torch.linalg.svdvals(orthogonalize(g.T, 5))
-    torch.testing.assert_close(s_t, s, atol=1e-4, rtol=1e-4)
+    # Same for the transposed (wide) orientation, to the precision of the compute dtype.
+    s_t = torch.linalg.svdvals(orthogonalize(g.T, 5).float())
+    tol = 1e-4 if out.dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(s_t, s, atol=tol, rtol=tol)
 
 
 def test_three_d_param_is_orthogonalised_per_expert():

@@ -14,8 +14,10 @@ Every group carries `base_lr` (the configured peak rate) and `kind`; `schedule.a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,14 +38,33 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _MOONLIGHT_RMS = 0.2
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True where CPU bf16 matmuls run on AMX or AVX512-BF16 units (several times fp32 speed)."""
+    init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    if init_amx is not None:
+        try:
+            if init_amx():
+                return True
+        except RuntimeError:
+            pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     """Approximate U·Vᵀ of g = U·S·Vᵀ for the last two dims (batched over any leading dims).
 
-    Runs in bf16 on CUDA (the iteration is robust to it and it is the fast path) and fp32 elsewhere.
-    Returns a tensor in the compute dtype; the caller casts.
+    Runs in bf16 where matmuls are fast in it (CUDA; CPUs with AMX / AVX512-BF16): the iteration is
+    robust to bf16, as in the reference Muon. fp32 elsewhere. Returns a tensor in the compute dtype;
+    the caller casts.
     """
     a, b, c = _NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    fast_bf16 = g.is_cuda or (g.device.type == "cpu" and cpu_has_fast_bf16())
+    x = g.to(torch.bfloat16 if fast_bf16 else torch.float32)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation so the Gram matrix x·xᵀ is the smaller one
         x = x.mT

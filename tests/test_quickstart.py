@@ -1,0 +1,52 @@
+"""The main job end to end, short: every artefact is written and training lowers held-out bits-per-byte."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    proc = subprocess.run([sys.executable, "-m", "levante.cli", "quickstart", "--out", str(out), "--steps", "40"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_quickstart_writes_every_artefact(quickstart_dir):
+    out, _ = quickstart_dir
+    for name in ("config.toml", "metrics.jsonl", "eval.json", "samples.txt", "report.html",
+                 "tokenizer/tokenizer.json", "data/train/index.json", "data/valid/index.json"):
+        assert (out / name).is_file(), name
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert ckpts and (ckpts[-1] / "model.safetensors").is_file() and (ckpts[-1] / "config.toml").is_file()
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 2
+
+
+def test_quickstart_training_lowers_held_out_bpb_in_every_language(quickstart_dir):
+    out, _ = quickstart_dir
+    result = json.loads((out / "eval.json").read_text())
+    before, after = result["untrained"], result["trained"]
+    assert len(after["per_language"]) >= 8
+    assert after["bpb"] < before["bpb"] - 0.3
+    for lang, r in after["per_language"].items():
+        assert r["bpb"] < before["per_language"][lang]["bpb"], lang
+
+
+def test_quickstart_samples_start_with_their_prompts(quickstart_dir):
+    out, _ = quickstart_dir
+    text = (out / "samples.txt").read_text(encoding="utf-8")
+    for prompt in ("The old library", "Am Morgen", "Le marché", "Η θάλασσα"):
+        assert prompt in text
+
+
+def test_quickstart_refuses_a_foreign_non_empty_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "levante.cli", "quickstart", "--out", str(tmp_path), "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not empty" in proc.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
