@@ -30,11 +30,10 @@ from levante.interop.load import (
     HF_INDEX,
     WEIGHTS,
     Checkpoint,
-    file_sha256,
     read_checkpoint,
     resolve_checkpoint,
 )
-from levante.util import fsync_dir, fsync_file, write_durable
+from levante.util import file_sha256, fsync_dir, fsync_file, write_durable
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -8,7 +8,6 @@ so loading holds one copy of the weights, not two.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from levante.interop.hf_mapping import config_from_hf, hf_to_levante
 from levante.model.moe import moe_layers
 from levante.model.rope import rope_frequencies
 from levante.model.transformer import Transformer
+from levante.train.checkpoint import verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +60,14 @@ def _levante_config_file(d: Path) -> Path | None:
     return next((d / n for n in (*LEVANTE_CONFIGS, TRAINER_JSON) if (d / n).is_file()), None)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_checksums(ckpt: Path) -> str | None:
-    """Why `ckpt` fails its checksums.json, or None when it verifies (or has no checksums.json).
-
-    Sizes are checked for every listed file; hashes only for the files a model load reads (the
-    optimizer state can be twice the model and is irrelevant to inference).
-    """
-    listing = ckpt / CHECKSUMS
-    if not listing.is_file():
+    """Why `ckpt` fails its checksums.json, or None when it verifies (or has no checksums.json:
+    hand-assembled checkpoints are accepted). Only the files a model load reads are hashed."""
+    if not (ckpt / CHECKSUMS).is_file():
         return None
-    try:
-        files = json.loads(listing.read_text(encoding="utf-8"))["files"]
-        entries = {str(k): (v.get("sha256"), v.get("size")) for k, v in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{listing} is unreadable ({_one_line(e)})"
     needed = {WEIGHTS, *LEVANTE_CONFIGS, TRAINER_JSON, "tokenizer.json"}
-    for name, (sha, size) in entries.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{path} is listed in {CHECKSUMS} but missing"
-        if size is not None and path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, {CHECKSUMS} says {size}"
-        if name in needed and sha and file_sha256(path) != sha:
-            return f"{path} does not match its sha256 in {CHECKSUMS}"
-    return None
+    ok, reason = verify_checkpoint(ckpt, required=(WEIGHTS,), hash_only=needed)
+    return None if ok else f"{ckpt}: {reason}"
 
 
 def _newest_verified(steps_parent: Path) -> Path | None:

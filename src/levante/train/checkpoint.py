@@ -21,7 +21,6 @@ state is out of scope here and goes through torch.distributed.checkpoint.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from levante.errors import LevanteError
-from levante.util import fsync_dir, fsync_file, write_durable
+from levante.util import file_sha256, fsync_dir, fsync_file, write_durable
 
 log = logging.getLogger("levante")
 
@@ -76,13 +75,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Finished checkpoint directories of a run, newest (highest step) first."""
     return _list(checkpoints_root(run_dir))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _remove_dir(path: Path) -> None:
@@ -260,7 +252,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
             written.append(CONFIG_FILE)
         for name in written:
             fsync_file(tmp / name)
-        sums = {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        sums = {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
                 for name in written}
         write_durable(tmp / CHECKSUMS, _dumps({"format": FORMAT_VERSION, "files": sums}, "checksums"))
         fsync_dir(tmp, strict=True)
@@ -294,8 +286,13 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------- verify
 
 
-def verify_checkpoint(path: str | Path) -> tuple[bool, str]:
-    """(True, "ok") if every file listed in checksums.json is present with its size and sha256."""
+def verify_checkpoint(path: str | Path, required: tuple[str, ...] = (MODEL_FILE, TRAINER_JSON),
+                      hash_only: set[str] | None = None) -> tuple[bool, str]:
+    """(True, "ok") if every file listed in checksums.json is present with its size and sha256.
+
+    `required` files must be listed. With `hash_only`, other files are checked by size alone (an
+    inference load need not hash an optimizer state twice the model's size).
+    """
     path = Path(path)
     if not path.is_dir():
         return False, "not a directory"
@@ -303,9 +300,9 @@ def verify_checkpoint(path: str | Path) -> tuple[bool, str]:
         return False, f"{CHECKSUMS} missing (incomplete write)"
     try:
         files = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["files"]
-        for required in (MODEL_FILE, TRAINER_JSON):
-            if required not in files:
-                return False, f"{required} not listed in {CHECKSUMS}"
+        for name in required:
+            if name not in files:
+                return False, f"{name} not listed in {CHECKSUMS}"
         if (OPTIM_JSON in files) != (OPTIM_TENSORS in files):
             return False, f"{OPTIM_JSON} and {OPTIM_TENSORS} must both be present or both absent"
         for name, info in files.items():
@@ -315,7 +312,7 @@ def verify_checkpoint(path: str | Path) -> tuple[bool, str]:
             size = file.stat().st_size
             if size != info["size"]:
                 return False, f"{name} is {size} bytes, expected {info['size']} (truncated?)"
-            if _sha256(file) != info["sha256"]:
+            if (hash_only is None or name in hash_only) and file_sha256(file) != info["sha256"]:
                 return False, f"{name} sha256 mismatch (corrupted)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return False, f"unreadable checksums ({type(e).__name__}: {e})"
