@@ -344,7 +344,6 @@ class RunConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
-    max_minutes: float = 0.0  # wall-clock budget; 0: none (steps decide)
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
 

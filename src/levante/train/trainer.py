@@ -190,22 +190,26 @@ class Trainer:
             self.resume()
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", resume_step=self.step)
         start_time, start_step = time.perf_counter(), self.step
-        last_time, last_tokens = start_time, self.tokens
+        # Throughput counts training steps only; evals and checkpoints are excluded from tokens/s.
+        window_time, window_tokens = 0.0, 0
         record, eval_result, ckpt = {}, {}, None
         try:
             while self.step < cfg.run.steps:
                 log_now = (self.step + 1) % cfg.run.log_every == 0 or self.step + 1 == cfg.run.steps
+                t0, tokens0 = time.perf_counter(), self.tokens
                 record = self.train_step(per_language=log_now)
                 now = time.perf_counter()
+                window_time += now - t0
+                window_tokens += self.tokens - tokens0
                 if log_now:
-                    tps = (self.tokens - last_tokens) / max(now - last_time, 1e-9)
+                    tps = window_tokens / max(window_time, 1e-9)
                     done = self.step - start_step
                     eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
                     record.update(step=self.step, tokens=self.tokens, tokens_per_s=tps, eta_s=eta,
                                   mfu=mfu(tps, self.flops_per_token, self.peak), elapsed_s=now - start_time)
                     metrics.write(record)
                     self.on_log(record)
-                    last_time, last_tokens = now, self.tokens
+                    window_time, window_tokens = 0.0, 0
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
                     eval_result = self.evaluate()
                     if eval_result:
