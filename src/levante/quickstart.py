@@ -6,7 +6,6 @@ tokenizer -> token shards -> train the `tiny` MoE -> held-out eval per language 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -34,9 +33,7 @@ PROMPTS = [("en", "The old library"), ("de", "Am Morgen"), ("fr", "Le marché"),
 
 def quickstart_config(out: Path, steps: int) -> TrainConfig:
     return TrainConfig(
-        # A few hundred steps is a short run: balance the router faster than DeepSeek's 1e-3 (tuned
-        # for trillions of tokens) so the experts share the load within the budget.
-        model=dataclasses.replace(ModelConfig.preset("tiny"), bias_update_speed=0.01),
+        model=ModelConfig.preset("tiny"),
         data=DataConfig(tokenizer=str(out / "tokenizer" / "tokenizer.json"), train=str(out / "data" / "train"),
                         valid=str(out / "data" / "valid"), seq_len=256),
         optim=OptimConfig(name="muon", lr=3e-3, muon_lr=3e-3, weight_decay=0.1),
