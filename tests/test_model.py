@@ -151,7 +151,7 @@ def test_sequence_aux_loss_only_when_enabled():
     ids = torch.randint(0, 128, (2, 8))
     assert Transformer(small_config()).train()(ids, labels=ids).aux_loss is None
     aux = Transformer(small_config(aux_loss_alpha=0.1)).train()(ids, labels=ids).aux_loss
-    assert aux is not None and float(aux) > 0
+    assert aux is not None and aux.item() > 0
 
 
 def test_dense_preset_has_no_experts():
