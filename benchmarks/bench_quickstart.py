@@ -29,16 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from common import cpu_model  # benchmarks/common.py (the script's own folder is on sys.path)
 
 
 def maxrss_mib(ru_maxrss: int) -> float:

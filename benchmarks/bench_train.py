@@ -42,6 +42,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 from levante.config import ModelConfig, OptimConfig  # noqa: E402
 from levante.interop.hf_mapping import config_to_hf, levante_to_hf  # noqa: E402
 from levante.model.moe import update_router_bias  # noqa: E402
@@ -54,16 +55,6 @@ _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 
 # ----------------------------------------------------------------------------------------- helpers
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:
