@@ -55,9 +55,8 @@ class Checkpoint:
 
 
 def _levante_config_file(d: Path) -> Path | None:
-    """Where a checkpoint dir's model config lives: config.toml/model.toml, else the trainer's
-    trainer.json (its "config" holds the run's TOML at save time)."""
-    return next((d / n for n in (*LEVANTE_CONFIGS, TRAINER_JSON) if (d / n).is_file()), None)
+    """Where a checkpoint dir's model config lives (the trainer writes config.toml into every one)."""
+    return next((d / n for n in LEVANTE_CONFIGS if (d / n).is_file()), None)
 
 
 def verify_checksums(ckpt: Path) -> str | None:
@@ -148,22 +147,11 @@ class _Files:
 
 
 def _config_text(ckpt: Path) -> tuple[Path, str]:
-    """(source, TOML text) of a checkpoint's config; trainer checkpoints fall back to the run's config."""
+    """(source, TOML text) of a checkpoint's config."""
     cfg_file = _levante_config_file(ckpt)
     if cfg_file is None:
         raise LevanteError(f"{ckpt} has no config.toml")
-    if cfg_file.name != TRAINER_JSON:
-        return cfg_file, cfg_file.read_text(encoding="utf-8")
-    try:
-        text = json.loads(cfg_file.read_text(encoding="utf-8")).get("config")
-    except (OSError, ValueError, AttributeError) as e:
-        raise LevanteError(f"{cfg_file}: not valid JSON ({_one_line(e)})") from None
-    if isinstance(text, str):
-        return cfg_file, text
-    run_config = ckpt.parent.parent / "config.toml"  # <run>/checkpoints/step_X -> <run>/config.toml
-    if ckpt.parent.name == "checkpoints" and run_config.is_file():
-        return run_config, run_config.read_text(encoding="utf-8")
-    raise LevanteError(f"{ckpt}: no model config (expected config.toml, or a trainer.json with a config)")
+    return cfg_file, cfg_file.read_text(encoding="utf-8")
 
 
 def load_levante_config(ckpt: Path) -> ModelConfig:
