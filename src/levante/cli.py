@@ -135,7 +135,7 @@ def generate(
     from levante.infer.engine import SamplingParams, generate_text
     from levante.pipeline import load_for_inference
 
-    model, tokenizer = load_for_inference(checkpoint)
+    model, tokenizer, _ = load_for_inference(checkpoint)
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
     sys.stdout.write(prompt)
     generate_text(model, tokenizer, prompt, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -21,6 +21,7 @@ from levante.data.readers import bundled_corpus
 from levante.data.shards import tokenize_corpus
 from levante.errors import LevanteError
 from levante.infer.engine import SamplingParams, generate_text
+from levante.pipeline import load_for_inference
 from levante.progress import train_with_progress
 from levante.report import write_report
 from levante.tokenizer import train_tokenizer
@@ -112,11 +113,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
     console.print(table)
 
     console.rule("[bold]5/5 samples")
-    from levante.interop.load import from_pretrained
-    from levante.tokenizer import LevanteTokenizer
-
-    model = from_pretrained(result.checkpoint)
-    tokenizer = LevanteTokenizer(result.checkpoint / "tokenizer.json")
+    model, tokenizer, _ = load_for_inference(result.checkpoint)
     samples = []
     for i, (lang, prompt) in enumerate(PROMPTS):
         params = SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=i)
