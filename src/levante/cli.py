@@ -156,11 +156,12 @@ def quickstart(
 
 @import_app.command("hf")
 def import_hf_command(src: Path = typer.Argument(..., help="DeepseekV3 HF directory."),
-                      dst: Path = typer.Argument(..., help="Levante checkpoint directory to write.")):
+                      dst: Path = typer.Argument(..., help="Levante checkpoint directory to write."),
+                      overwrite: bool = typer.Option(False, help="Replace a non-empty DST.")):
     """Import a DeepseekV3 checkpoint (config.json + safetensors) as a Levante checkpoint."""
     from levante.interop.hf import import_hf
 
-    import_hf(src, dst)
+    import_hf(src, dst, overwrite=overwrite)
     console.print(f"imported {src} -> {dst}")
 
 
@@ -170,11 +171,12 @@ def export_hf_command(
     dst: Path = typer.Argument(..., help="Output directory for transformers / vLLM."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     no_mtp: bool = typer.Option(False, "--no-mtp", help="Drop the multi-token-prediction modules."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty DST."),
 ):
     """Export to safetensors + config.json loadable as DeepseekV3ForCausalLM."""
     from levante.interop.hf import export_hf
 
-    export_hf(src, dst, dtype=dtype, include_mtp=not no_mtp)
+    export_hf(src, dst, dtype=dtype, include_mtp=not no_mtp, overwrite=overwrite)
     console.print(f"exported {src} -> {dst}")
 
 

@@ -83,6 +83,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from a dict, naming any unknown key and its closest valid spelling."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -215,6 +217,11 @@ class ModelConfig:
                      "beta_slow", "mscale", "mscale_all_dim"}
             for key in rs:
                 need(key in known, f"unknown rope_scaling key '{key}'{_closest(key, known)}")
+            for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                        "mscale_all_dim"):
+                value = rs.get(key)
+                need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                     f"rope_scaling.{key} must be a number, got {value!r}")
             need(float(rs.get("factor", 0)) >= 1.0, "rope_scaling.factor must be >= 1")
             need(int(rs.get("original_max_position_embeddings", 0)) > 0,
                  "rope_scaling.original_max_position_embeddings must be positive")
@@ -232,7 +239,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """A `[model]` table: optional `preset = NAME` plus overrides of any field."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model: expected a table, got {data!r}")
         data = dict(data)
+        if "preset" in data and not isinstance(data["preset"], str):
+            raise ConfigError(f"model.preset must be a preset name, got {data['preset']!r}")
         base = cls.preset(data.pop("preset")) if "preset" in data else cls()
         override = from_dict(cls, data, "model")
         explicit = {k: getattr(override, k) for k in data}
@@ -387,6 +398,10 @@ class TrainConfig:
             (self.run.micro_batch_size > 0 and self.run.grad_accum > 0,
              "run.micro_batch_size and run.grad_accum must be positive"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
+            (self.run.log_every >= 1 and self.run.eval_batches >= 1,
+             "run.log_every and run.eval_batches must be >= 1"),
+            (self.run.eval_every >= 0 and self.run.ckpt_every >= 0,
+             "run.eval_every and run.ckpt_every must be >= 0 (0: only at the end)"),
             (self.run.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
         ]
         for ok, msg in checks:

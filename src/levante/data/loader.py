@@ -13,7 +13,6 @@ reaches the end of an epoch continues into the next one, so every batch is full.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ import torch
 
 from levante.data.shards import LANG, LENGTH, NBYTES, OFFSET, Shards
 from levante.errors import LevanteError
-
-log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value) -> int:
@@ -158,7 +155,8 @@ class LangEval:
 def language_eval_windows(shards: Shards, seq_len: int,
                           max_windows_per_lang: int | None = None) -> dict[str, LangEval]:
     """Per-language evaluation windows. With `max_windows_per_lang`, documents are taken whole, in
-    order, while they fit in max_windows * seq_len scored tokens (a longer document is skipped)."""
+    order, until they cover max_windows * seq_len scored tokens (the last one may run past the budget,
+    so every language keeps at least one document and bits-per-byte stays exact)."""
     seq_len = _positive_int("seq_len", seq_len)
     budget = math.inf if max_windows_per_lang is None else \
         _positive_int("max_windows_per_lang", max_windows_per_lang) * seq_len
@@ -167,14 +165,11 @@ def language_eval_windows(shards: Shards, seq_len: int,
     for code, lang in enumerate(shards.langs):
         chosen, used = [], 0
         for d in np.nonzero(docs[:, LANG] == code)[0]:
-            if used + docs[d, LENGTH] <= budget:
-                chosen.append(d)
-                used += int(docs[d, LENGTH])
-                if used == budget:
-                    break
+            if used >= budget:
+                break
+            chosen.append(d)
+            used += int(docs[d, LENGTH])
         if not chosen:
-            log.warning("no %s document fits in %s eval windows of %d tokens", lang, max_windows_per_lang,
-                        seq_len)
             continue
         n = math.ceil(used / seq_len)
         stream = np.full(n * seq_len + 1, shards.eos_id, dtype=np.int64)

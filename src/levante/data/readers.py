@@ -230,12 +230,16 @@ def read_documents(paths, stats: ReadStats | None = None) -> Iterator[Document]:
     """Yield every valid document under `paths` in a deterministic order; `stats` (if given) collects
     accepted and rejected counts. Missing inputs fail before the first document is yielded."""
     stats = ReadStats() if stats is None else stats
-    files = expand_paths(paths)
-    for path in files:
-        before = stats.num_rejected
-        yield from _read_file(path, stats)
-        if stats.num_rejected > before:
-            log.warning("%s: %d records rejected", path, stats.num_rejected - before)
+    files = expand_paths(paths)  # eager: a missing input fails at the call, before any work starts
+
+    def documents() -> Iterator[Document]:
+        for path in files:
+            before = stats.num_rejected
+            yield from _read_file(path, stats)
+            if stats.num_rejected > before:
+                log.warning("%s: %d records rejected", path, stats.num_rejected - before)
+
+    return documents()
 
 
 def bundled_corpus(split: str) -> list[Path]:

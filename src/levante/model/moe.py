@@ -172,7 +172,7 @@ def update_router_bias(model: nn.Module, speed: float) -> None:
     """
     for moe in moe_layers(model):
         load = moe.tokens_per_expert
-        if speed > 0 and load.sum() > 0:
+        if speed > 0:  # no load at all: sign(0) = 0 leaves the bias as it is
             bias = moe.gate.e_score_correction_bias
             bias += speed * torch.sign(load.mean() - load)
             bias -= bias.mean()

@@ -99,7 +99,9 @@ class Trainer:
         self.model = Transformer(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.loader = TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed)
-        self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len)
+        # Periodic evals score whole held-out documents, up to eval_batches batches per language.
+        self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len,
+                                                max_windows_per_lang=cfg.run.eval_batches * cfg.run.micro_batch_size)
                           if self.valid_shards is not None else {})
         self.forward = torch.compile(self.model) if cfg.run.compile else self.model
         self.step = 0
@@ -114,7 +116,7 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                               keep_last=self.cfg.run.keep_last, tokenizer_path=self.cfg.data.tokenizer,
+                               keep_last=self.cfg.run.keep_last, tokenizer_path=self.tokenizer.path,
                                config_text=self.cfg.dumps())
 
     def resume(self) -> bool:
@@ -135,32 +137,37 @@ class Trainer:
         model = self.model
         model.train()
         apply_lr(self.optimizer, lr_multiplier(self.step, cfg.run.steps, cfg.schedule))
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for _ in range(cfg.run.grad_accum):
+        # Losses stay on the device until the end of the step: one host sync per step, not per micro-batch.
+        sums: dict[str, torch.Tensor] = {}
+        lang_loss = {}
+        for micro in range(cfg.run.grad_accum):
             inputs, targets = self.loader.next_batch()
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self.autocast:
                 out = self.forward(inputs, targets=targets)
             (out.loss / cfg.run.grad_accum).backward()
-            for key in sums:
+            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
                 value = getattr(out, key)
                 if value is not None:
-                    sums[key] += float(value.detach()) / cfg.run.grad_accum
+                    sums[key] = sums.get(key, 0) + value.detach() / cfg.run.grad_accum
             self.tokens += inputs.numel()
-        lang_loss = self._loss_per_language(out.logits, targets) if per_language else {}
+            if per_language and micro == cfg.run.grad_accum - 1:
+                lang_loss = self._loss_per_language(out.logits, targets)
+            del out  # free this micro-batch's logits before the next forward
         grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
         if not math.isfinite(grad_norm):
             raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
                                "(lower the learning rate)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {**sums, **expert_load_stats(model), "grad_norm": grad_norm,
-                  "lr": self.optimizer.param_groups[0]["lr"]}
-        if lang_loss:
+        record = {key: float(value) for key, value in sums.items()}
+        record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"])
+        if per_language:  # the load statistics cost host syncs: only on log steps
+            record.update(expert_load_stats(model))
             record["loss_per_language"] = lang_loss
         update_router_bias(model, cfg.model.bias_update_speed)
         self.step += 1
-        return {k: v for k, v in record.items() if not (k in ("mtp_loss", "aux_loss") and v == 0.0)}
+        return record
 
     @torch.no_grad()
     def _loss_per_language(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -177,9 +184,8 @@ class Trainer:
             return {}
         self.model.eval()
         with self.autocast:
-            batch = self.cfg.run.micro_batch_size
-            per_lang = evaluate_languages(self.model, self.eval_sets, batch_size=batch, device=self.device,
-                                          max_windows=self.cfg.run.eval_batches * batch)
+            per_lang = evaluate_languages(self.model, self.eval_sets, batch_size=self.cfg.run.micro_batch_size,
+                                          device=self.device)
         return {"per_language": per_lang, **summarize(per_lang)}
 
     def fit(self, resume: bool = False) -> TrainResult:
