@@ -13,7 +13,6 @@ from levante.errors import LevanteError
 from levante.train.checkpoint import (
     list_checkpoints,
     load_latest,
-    load_model_weights,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -250,17 +249,6 @@ def test_tokenizer_copy_is_checksummed(tmp_path):
     assert verify_checkpoint(path) == (False, "tokenizer.json sha256 mismatch (corrupted)")
     with pytest.raises(LevanteError, match="tokenizer file not found"):
         save_checkpoint(tmp_path / "run", 2, model, opt, {}, keep_last=1, tokenizer_path=tmp_path / "no")
-
-
-def test_load_model_weights_from_dir_file_and_run(tmp_path):
-    model, opt = trained()
-    path = save(tmp_path, 1, model, opt)
-    for source in (path, path / "model.safetensors", tmp_path):
-        other, _ = fresh()
-        load_model_weights(source, other)
-        assert torch.equal(other.lm_head.weight, model.lm_head.weight)
-    with pytest.raises(LevanteError, match="not found"):
-        load_model_weights(tmp_path / "nope", model)
 
 
 def test_metrics_resume_drops_lines_after_checkpoint(tmp_path):

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 import levante
 from levante.config import ConfigError, ModelConfig, TrainConfig
 from levante.errors import LevanteError
-from levante.interop.hf import export_hf, import_hf, write_checksums
+from levante.interop.hf import export_hf, import_hf
+from levante.train.checkpoint import write_checksums
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                   num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,

@@ -25,7 +25,7 @@ shared + top-k routed experts, the head, and each MTP module (eh_proj, its block
 again); embeddings and norm gains are excluded. The second term is attention itself (q·kᵀ and
 attn·v over seq_len keys) for L' = layers + MTP blocks. Like PaLM's 12·L·H·Q·T it ignores the causal
 mask (a causal kernel does about half), so `mfu` means what published MFU numbers mean. Same
-formula as `levante.train.metrics.model_flops_per_token`; a test keeps them equal.
+formula the trainer's MFU uses (`levante.train.metrics.model_flops_per_token` wraps it).
 """
 
 from __future__ import annotations

@@ -26,14 +26,14 @@ from levante.config import ModelConfig, TrainConfig
 from levante.errors import LevanteError
 from levante.interop.hf_mapping import config_to_hf, levante_to_hf
 from levante.interop.load import (
-    CHECKSUMS,
     HF_INDEX,
     WEIGHTS,
     Checkpoint,
     read_checkpoint,
     resolve_checkpoint,
 )
-from levante.util import file_sha256, fsync_dir, fsync_file, write_durable
+from levante.train.checkpoint import write_checksums
+from levante.util import fsync_dir, fsync_file, write_durable
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -172,13 +172,6 @@ def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
 
 
 # ------------------------------------------------------------------------------------------ import
-
-
-def write_checksums(ckpt_dir: Path) -> None:
-    """checksums.json: sha256 and size of every other file in the checkpoint dir."""
-    files = {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
-             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    _write_json(ckpt_dir / CHECKSUMS, {"files": files})
 
 
 def import_hf(src_dir: str | Path, dst_dir: str | Path, overwrite: bool = False) -> Path:

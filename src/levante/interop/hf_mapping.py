@@ -161,8 +161,7 @@ def _levante_name(hf_name: str, n_layers: int) -> str | None:
     return name
 
 
-def hf_to_levante(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-                  keep_mtp: bool = True) -> dict[str, torch.Tensor]:
+def hf_to_levante(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """DeepSeek/HF tensors -> Levante state dict (experts stacked)."""
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out: dict[str, torch.Tensor] = {}
@@ -171,7 +170,7 @@ def hf_to_levante(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
         name = _levante_name(hf_name, cfg.num_hidden_layers)
-        if name is None or (not keep_mtp and name.startswith("mtp.")):
+        if name is None:
             continue
         m = pattern.match(name)
         if m:
@@ -185,6 +184,4 @@ def hf_to_levante(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
         out[f"{base}.gate_up_proj"] = torch.stack(
             [torch.cat((per_expert[e]["gate_proj"], per_expert[e]["up_proj"]), dim=0) for e in range(n)])
         out[f"{base}.down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in range(n)])
-    if cfg.tie_word_embeddings and "lm_head.weight" not in out and "embed_tokens.weight" in out:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
     return out

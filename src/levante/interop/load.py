@@ -25,15 +25,13 @@ from levante.interop.hf_mapping import config_from_hf, hf_to_levante
 from levante.model.moe import moe_layers
 from levante.model.rope import rope_frequencies
 from levante.model.transformer import Transformer
-from levante.train.checkpoint import verify_checkpoint
+from levante.train.checkpoint import CHECKSUMS, CONFIG_FILE, TRAINER_JSON, verify_checkpoint
+from levante.train.checkpoint import MODEL_FILE as WEIGHTS
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-CHECKSUMS = "checksums.json"
-LEVANTE_CONFIGS = ("config.toml", "model.toml")
-TRAINER_JSON = "trainer.json"
+LEVANTE_CONFIGS = (CONFIG_FILE,)
 # Routing runs in fp32 (as in DeepSeek's release and transformers): never round these down.
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -240,7 +238,7 @@ def read_hf(hf_dir: Path, dtype: torch.dtype | None = None, device="cpu"):
                     raise LevanteError(f"tensor '{name}' is listed in {HF_INDEX} but not in {file.name}")
                 raw[name] = _load(files(file), name, file, dtype, device)
             try:
-                state.update(hf_to_levante(raw, dataclasses.replace(cfg, tie_word_embeddings=False)))
+                state.update(hf_to_levante(raw, cfg))
             except ConfigError as e:
                 raise ConfigError(f"{hf_dir}: {e}") from None
     if cfg.tie_word_embeddings and "lm_head.weight" not in state and "embed_tokens.weight" in state:

@@ -250,11 +250,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         if config_text is not None:
             write_durable(tmp / CONFIG_FILE, config_text)
             written.append(CONFIG_FILE)
-        for name in written:
-            fsync_file(tmp / name)
-        sums = {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
-                for name in written}
-        write_durable(tmp / CHECKSUMS, _dumps({"format": FORMAT_VERSION, "files": sums}, "checksums"))
+        for name in (MODEL_FILE, OPTIM_TENSORS, TOKENIZER_FILE):  # the rest went through write_durable
+            if name in written:
+                fsync_file(tmp / name)
+        write_checksums(tmp, written)
         fsync_dir(tmp, strict=True)
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
             _remove_dir(final)
@@ -284,6 +283,15 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- verify
+
+
+def write_checksums(directory: Path, names: list[str] | None = None) -> None:
+    """checksums.json: sha256 and size of `names` (default: every other file in `directory`)."""
+    if names is None:
+        names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    files = {name: {"sha256": file_sha256(directory / name), "size": (directory / name).stat().st_size}
+             for name in names}
+    write_durable(directory / CHECKSUMS, json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
 
 
 def verify_checkpoint(path: str | Path, required: tuple[str, ...] = (MODEL_FILE, TRAINER_JSON),
@@ -419,24 +427,3 @@ def load_latest(run_dir: str | Path, model: nn.Module,
         log.warning("skipping checkpoint %s: %s", path, reason)
         reasons.append(f"{path.name}: {reason}")
     raise LevanteError(f"no valid checkpoint in {root} ({len(candidates)} corrupt; newest {reasons[0]})")
-
-
-def load_model_weights(path_or_file: str | Path, model: nn.Module, strict: bool = True) -> Path:
-    """Load weights for eval/generate from a model.safetensors file, a checkpoint dir, or a run dir
-    (its newest valid checkpoint). Returns the file read."""
-    path = Path(path_or_file)
-    if path.is_file():
-        _load_model_file(path, model, strict)
-        return path
-    if not path.is_dir():
-        raise LevanteError(f"weights not found: {path}")
-    if not (path / CHECKSUMS).exists() and checkpoints_root(path).is_dir():
-        valid = [p for p in list_checkpoints(path) if verify_checkpoint(p)[0]]
-        if not valid:
-            raise LevanteError(f"no valid checkpoint in {checkpoints_root(path)}")
-        path = valid[0]
-    ok, reason = verify_checkpoint(path)
-    if not ok:
-        raise LevanteError(f"checkpoint {path} is not usable: {reason}")
-    _load_model_file(path / MODEL_FILE, model, strict)
-    return path / MODEL_FILE

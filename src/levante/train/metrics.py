@@ -1,20 +1,7 @@
 """Training metrics: a JSON-lines log that resumes without duplicates, and MFU accounting.
 
-FLOPs per token (training = forward + backward = 3 x forward; a matmul with P weights costs 2·P
-FLOPs per token forward) are computed analytically from ModelConfig:
-
-    flops/token = 6 · P_active + L' · 6 · n_heads · seq_len · (qk_head_dim + v_head_dim)
-
-P_active counts the weight matrices one token actually multiplies by (embedding lookups excluded):
-  attention  q: H·n·d_qk, or H·r_q + r_q·n·d_qk with a q LoRA; kv_a: H·(r_kv + d_rope);
-             kv_b: r_kv·n·(d_nope + d_v); o: n·d_v·H  (training runs MLA un-absorbed)
-  MLP        dense: 3·H·I; MoE: router H·E + (top_k + n_shared)·3·H·I_moe — only routed-to experts
-  head       H·V
-  MTP (each) eh_proj 2H·H + one more (MoE) layer + the shared head, when include_mtp.
-The second term is attention itself, per layer and token: q·kᵀ over seq_len keys is 2·T·d_qk
-FLOPs per head and attn·v is 2·T·d_v, ×3 for training. MLA's q·k uses d_qk = qk_nope + qk_rope and
-attn·v uses v_head_dim. Like PaLM's 12·L·H·Q·T (the d_qk = d_v = Q case) it ignores the causal mask,
-so it is the dense-attention figure; L' = layers (+ MTP modules).
+FLOPs per token come from the planner (`levante.plan.flops_per_token`, formula in its docstring),
+so `levante plan` and the trainer's MFU count the same thing.
 """
 
 from __future__ import annotations
@@ -29,44 +16,17 @@ import torch
 
 from levante.config import ModelConfig
 from levante.errors import LevanteError
+from levante.plan import flops_per_token
 from levante.util import atomic_write_text
 
 # ------------------------------------------------------------------------------------------ FLOPs
 
 
-def _attention_params(c: ModelConfig) -> int:
-    h, n = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = h * n * c.qk_head_dim
-    else:
-        q = h * c.q_lora_rank + c.q_lora_rank * n * c.qk_head_dim
-    kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * n * (c.qk_nope_head_dim + c.v_head_dim)
-    return q + kv + n * c.v_head_dim * h
-
-
-def _mlp_params(c: ModelConfig, layer: int) -> int:
-    h = c.hidden_size
-    if not c.is_moe_layer(layer):
-        return 3 * h * c.intermediate_size
-    experts = c.num_experts_per_tok + c.n_shared_experts
-    return h * c.n_routed_experts + experts * 3 * h * c.moe_intermediate_size
-
-
 def model_flops_per_token(model_config: ModelConfig, seq_len: int, include_mtp: bool = True) -> float:
-    """Training FLOPs per token (forward + backward), see the module docstring for the formula."""
-    c = model_config
+    """Training FLOPs per token (forward + backward): 6 x active matmul params + attention."""
     if seq_len <= 0:
         raise LevanteError(f"seq_len must be positive, got {seq_len}")
-    head = c.hidden_size * c.vocab_size
-    active = head + sum(_attention_params(c) + _mlp_params(c, i) for i in range(c.num_hidden_layers))
-    layers = c.num_hidden_layers
-    if include_mtp:
-        for k in range(c.num_nextn_predict_layers):
-            layer = c.num_hidden_layers + k  # HF numbering: MTP blocks follow the main stack (MoE)
-            active += 2 * c.hidden_size**2 + _attention_params(c) + _mlp_params(c, layer) + head
-            layers += 1
-    attention = 6 * c.num_attention_heads * seq_len * (c.qk_head_dim + c.v_head_dim)
-    return float(6 * active + layers * attention)
+    return flops_per_token(model_config, seq_len, include_mtp)["total"]
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

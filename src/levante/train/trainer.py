@@ -26,6 +26,7 @@ from levante.errors import LevanteError
 from levante.evaluation import evaluate_languages, summarize
 from levante.model.moe import expert_load_stats, update_router_bias
 from levante.model.transformer import Transformer
+from levante.plan import GPUS
 from levante.tokenizer import LevanteTokenizer
 from levante.train.checkpoint import load_latest, save_checkpoint
 from levante.train.metrics import MetricsWriter, measure_cpu_matmul_peak, mfu, model_flops_per_token
@@ -34,9 +35,6 @@ from levante.train.schedule import apply_lr, lr_multiplier
 from levante.util import atomic_write_text
 
 log = logging.getLogger("levante")
-
-# Dense bf16 peaks for MFU on GPUs we recognise (FLOP/s); CPUs are measured at start-up instead.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12}
 
 
 @dataclass
@@ -64,12 +62,9 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_flops(device: torch.device) -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-        return float("nan")
+    if device.type == "cuda":  # dense bf16 peak of a card the planner knows; NaN (no MFU) otherwise
+        name = torch.cuda.get_device_name(device).lower()
+        return next((gpu["peak_flops"] for key, gpu in GPUS.items() if key in name), float("nan"))
     return measure_cpu_matmul_peak(seconds=0.5)
 
 
