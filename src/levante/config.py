@@ -331,7 +331,8 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    muon_lr: float = 0.02
+    # Muon updates are rescaled to AdamW's RMS (Moonlight), so the two can share a learning rate.
+    muon_lr: float = 3e-3
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5
     grad_clip: float = 1.0  # 0 disables
