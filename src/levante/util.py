@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -69,3 +74,28 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def staged_dir(dst: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside `dst`; on success it is fsynced and replaces `dst` in one rename, so
+    readers see the old directory or the complete new one, never a half-written one."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        yield tmp
+        fsync_dir(tmp, strict=True)
+        old = None
+        if dst.is_dir() and any(dst.iterdir()):
+            # rename() cannot replace a non-empty dir: move the old one aside, swap, then delete it.
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, old)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent, strict=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

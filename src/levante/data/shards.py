@@ -19,8 +19,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from array import array
 from collections import deque
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ import numpy as np
 
 from levante.data.readers import UNKNOWN_LANG, ReadStats, read_documents
 from levante.errors import LevanteError
-from levante.util import fsync_dir, write_durable
+from levante.util import staged_dir, write_durable
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +154,7 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
     stats = ReadStats()
     docs = read_documents(paths, stats)  # fails here, before any work, on a missing input
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_dir(out_dir) as tmp:
         langs: list[str] = []
         lengths, nbytes = array("q"), array("q")
         with open(tmp / TOKENS_FILE, "wb") as f:
@@ -173,21 +169,9 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
         if not lengths:
             raise LevanteError(f"empty corpus: no documents to tokenize "
                                f"({stats.num_rejected} rejected: {dict(stats.rejected)})")
-
         index = _write_index(tmp, tok, dtype, langs, lengths, nbytes, stats)
-        if out_dir.exists():
-            if any(out_dir.iterdir()) and not overwrite:  # appeared while we worked: not ours to drop
-                raise LevanteError(f"output directory {out_dir} is not empty (pass overwrite to replace it)")
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent, strict=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # appeared while we worked
+            raise LevanteError(f"output directory {out_dir} is not empty (pass overwrite to replace it)")
     index.path = out_dir
     log.info("tokenized %d documents into %d tokens in %s", index.num_documents, index.num_tokens, out_dir)
     return index

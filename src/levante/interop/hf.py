@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,7 +27,7 @@ from levante.interop.load import (
     resolve_checkpoint,
 )
 from levante.train.checkpoint import write_checksums
-from levante.util import fsync_dir, fsync_file, write_durable
+from levante.util import fsync_file, staged_dir, write_durable
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -57,29 +51,6 @@ def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
         raise LevanteError(f"destination {dst} holds the source checkpoint {src}; choose another directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise LevanteError(f"destination {dst} is not empty; pass overwrite=True (--overwrite) to replace it")
-
-
-@contextmanager
-def _staging(dst: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `dst`; on success it replaces `dst` in one rename."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        yield tmp
-        fsync_dir(tmp, strict=True)
-        old = None
-        if dst.is_dir() and any(dst.iterdir()):
-            # rename() cannot replace a non-empty dir: move the old one aside, swap, then delete it.
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent, strict=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -160,7 +131,7 @@ def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)  # vLLM reads this to find MTP weights
     hf = levante_to_hf(state, cfg)
-    with _staging(dst) as out:
+    with staged_dir(dst) as out:
         _write_hf_weights(hf, out, torch_dtype, max_shard_bytes)
         del hf, state
         _write_json(out / "config.json", config_to_hf(cfg, dtype_name))
@@ -185,7 +156,7 @@ def import_hf(src_dir: str | Path, dst_dir: str | Path, overwrite: bool = False)
     cfg, state, _ = read_checkpoint(Checkpoint("hf", ckpt.path))
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once; loaders re-tie it to embed_tokens
-    with _staging(dst) as out:
+    with staged_dir(dst) as out:
         _save_safetensors(state, out / WEIGHTS)
         del state
         write_durable(out / "config.toml", TrainConfig(model=cfg).dumps().encode())
