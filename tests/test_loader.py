@@ -137,12 +137,16 @@ def test_eval_windows_score_every_token_of_whole_documents_once(corpus):
     assert set(evals) == {"en", "el", "pl"}
     for lang, ev in evals.items():
         docs = [t for lg, t in texts if lg == lang]
+        # scored: each document's text and eos; each bos is context only
         expected = np.concatenate([tok.encode(t) + [tok.eos_id] for t in docs])
+        stream = [i for t in docs for i in [tok.bos_id, *tok.encode(t), tok.eos_id]]
         assert ev.num_docs == len(docs)
         assert ev.num_bytes == sum(len(t.encode("utf-8")) for t in docs)
         assert ev.num_tokens == int(ev.mask.sum()) == len(expected)
-        assert ev.windows.shape == (math.ceil(len(expected) / T), T + 1)
-        assert ev.inputs[0, 0] == tok.eos_id  # the first scored token has a context
+        assert ev.windows.shape == (math.ceil((len(stream) - 1) / T), T + 1)
+        assert torch.cat([ev.windows[0, :1], ev.windows[:, 1:].flatten()])[: len(stream)].tolist() == stream
+        assert ev.inputs[0, 0] == tok.bos_id  # the first scored token has its document's bos as context
+        assert not (ev.windows[:, 1:][ev.mask] == tok.bos_id).any()
         assert np.array_equal(ev.windows[:, 1:][ev.mask].numpy(), expected)
         assert (ev.labels == -100).sum() == ev.mask.numel() - ev.num_tokens
         assert torch.equal(ev.windows[1:, 0], ev.windows[:-1, -1])  # windows chain without gaps
@@ -161,9 +165,9 @@ def test_eval_window_budget_keeps_whole_documents(corpus):
         for i in rows:  # the documented rule: whole documents in order until the budget is covered
             if used >= cap * T:
                 break
-            last = int(shards.docs[i, 1])
+            last = int(shards.docs[i, 1]) - 1  # scored tokens: all but the bos
             used += last
             chosen_bytes += int(shards.docs[i, 3])
         assert (ev.num_tokens, ev.num_bytes) == (used, chosen_bytes)
         assert used - last < cap * T  # only the last document may run past the budget
-        assert ev.windows.shape[0] == math.ceil(used / T)
+        assert ev.windows.shape[0] == math.ceil((used + ev.num_docs - 1) / T)

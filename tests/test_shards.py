@@ -1,4 +1,4 @@
-"""Token shards: deterministic across worker counts, eos after every document, safe to open."""
+"""Token shards: deterministic across worker counts, every document `bos text eos`, safe to open."""
 
 import json
 import random
@@ -51,7 +51,7 @@ def test_shards_are_byte_identical_for_any_worker_count(setup):
     assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
-def test_every_document_is_followed_by_eos_and_decodes_back(setup):
+def test_every_document_is_bos_text_eos_and_decodes_back(setup):
     d, paths, tok_path = setup
     index = tokenize_corpus(paths, tok_path, d / "eos", chunk_docs=4)
     tok = LevanteTokenizer(tok_path)
@@ -61,10 +61,12 @@ def test_every_document_is_followed_by_eos_and_decodes_back(setup):
     assert len(shards) == len(texts) == index.num_documents == 8 * sum(map(len, TEXTS.values()))
     assert int(shards.docs[:, 1].sum()) == shards.num_tokens
     assert int(np.count_nonzero(np.asarray(shards.tokens) == tok.eos_id)) == len(texts)
+    assert int(np.count_nonzero(np.asarray(shards.tokens) == tok.bos_id)) == len(texts)
     for i, text in enumerate(texts):
         doc = shards.document(i)
-        assert doc[-1] == tok.eos_id
-        assert tok.decode(doc[:-1]) == text
+        assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id
+        assert doc[1:-1].tolist() == tok.encode(text)
+        assert tok.decode(doc[1:-1]) == text
         assert shards.docs[i, 3] == len(text.encode("utf-8"))
     assert shards.lang(0) == "bg" and shards.lang(len(texts) - 1) == "en"
     assert index.per_lang["el"] == {

@@ -11,6 +11,7 @@ from levante.tokenizer import (
     SPECIAL_TOKENS,
     LevanteTokenizer,
     parity_report,
+    render_chat,
     train_tokenizer,
     write_hf_tokenizer_files,
 )
@@ -87,12 +88,22 @@ def test_transformers_loads_the_directory_and_agrees(trained):
     for cls in (transformers.PreTrainedTokenizerFast, transformers.AutoTokenizer):
         hf = cls.from_pretrained(out_dir)
         for text in SAMPLES[:-1]:  # the last one holds literal specials, which HF maps to ids
-            assert hf(text)["input_ids"] == tok.encode(text)
+            # documents start with bos: transformers' default tokenization is Levante's prompt
+            assert hf(text)["input_ids"] == tok.encode_prompt(text) == [tok.bos_id, *tok.encode(text)]
+            assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
             assert hf.decode(tok.encode(text)) == text
         assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)
-    chat = hf.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                   {"role": "user", "content": "Hallo"}], add_generation_prompt=True)
-    ids = chat["input_ids"] if hasattr(chat, "keys") else chat
+    conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hallo"}],
+        [{"role": "user", "content": "Γειά σου, τι κάνεις;"}, {"role": "assistant", "content": " Καλά!"},
+         {"role": "user", "content": "ok\nbye"}],
+    ]
+    for messages in conversations:
+        for gen in (True, False):
+            chat = hf.apply_chat_template(messages, add_generation_prompt=gen)
+            ids = chat["input_ids"] if hasattr(chat, "keys") else chat
+            assert ids == render_chat(tok, messages, add_generation_prompt=gen)
+    ids = render_chat(tok, conversations[0])
     assert ids[0] == 0 and ids[1] == 3 and 4 in ids and ids.count(6) == 2 and ids[-1] == 5
 
 

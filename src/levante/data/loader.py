@@ -126,10 +126,10 @@ class LangEval:
     """One language's held-out documents as scoring windows.
 
     Byte accounting (what makes bits-per-byte honest): only whole documents are included. The
-    language's documents are concatenated in corpus order, each followed by its eos, with one eos
-    in front as the context of the first token. Every token of every included document, its
-    trailing eos too, is scored exactly once; `num_bytes` is the UTF-8 byte count of exactly those
-    documents' texts. The last window is padded; `mask` marks the scored labels (padding is not).
+    language's documents (`<|bos|> text <|eos|>` each) are concatenated in corpus order; every token
+    after each document's bos (its text and its eos) is scored exactly once, the bos itself is
+    context, as at generation time. `num_bytes` is the UTF-8 byte count of exactly those documents'
+    texts. The last window is padded; `mask` marks the scored labels (bos and padding are not).
     So bits_per_byte = sum(nats over labels where mask) / ln(2) / num_bytes.
     """
 
@@ -163,23 +163,26 @@ def language_eval_windows(shards: Shards, seq_len: int,
     docs = np.asarray(shards.docs)
     out: dict[str, LangEval] = {}
     for code, lang in enumerate(shards.langs):
-        chosen, used = [], 0
+        chosen, used = [], 0  # used: scored tokens, i.e. every token but each document's bos
         for d in np.nonzero(docs[:, LANG] == code)[0]:
             if used >= budget:
                 break
             chosen.append(d)
-            used += int(docs[d, LENGTH])
+            used += int(docs[d, LENGTH]) - 1
         if not chosen:
             continue
-        n = math.ceil(used / seq_len)
+        total = int(docs[chosen, LENGTH].sum())
+        n = math.ceil((total - 1) / seq_len)
         stream = np.full(n * seq_len + 1, shards.eos_id, dtype=np.int64)
-        pos = 1
+        scored = np.zeros(n * seq_len + 1, dtype=bool)
+        pos = 0
         for d in chosen:
             off, length = int(docs[d, OFFSET]), int(docs[d, LENGTH])
             stream[pos:pos + length] = shards.tokens[off:off + length]
+            scored[pos + 1:pos + length] = True
             pos += length
         idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
-        mask = (np.arange(n * seq_len) < used).reshape(n, seq_len)
+        mask = scored[1:].reshape(n, seq_len)  # label of input position p is stream token p + 1
         out[lang] = LangEval(torch.from_numpy(stream[idx]), torch.from_numpy(mask),
                              int(docs[chosen, NBYTES].sum()), len(chosen), used)
     return out

@@ -1,13 +1,14 @@
 """Token shards: the whole tokenized corpus as one memory-mapped token file plus a small index.
 
 Layout of a shard directory:
-  tokens.bin   every document's tokens followed by eos, concatenated (uint16 if vocab <= 65536
+  tokens.bin   every document as `<|bos|> text <|eos|>` (the convention of levante.tokenizer.tokenizer),
+               concatenated (uint16 if vocab <= 65536
                else uint32, native little-endian)
-  docs.npy     int64 [num_documents, 4]: offset, length (tokens incl. the trailing eos), lang code
+  docs.npy     int64 [num_documents, 4]: offset, length (tokens incl. bos and eos), lang code
                (index into index.json "langs"), n_bytes (UTF-8 bytes of the text); plain .npy,
                no pickle, memory-mapped on open
   index.json   format version, tokenizer sha256 (the identity that refuses foreign shards),
-               vocab size, dtype, eos id, totals, per-language totals, the reader's rejected counts
+               vocab size, dtype, bos and eos ids, totals, per-language totals, the reader's rejected counts
 
 The directory is built under a temporary name next to `out_dir` and renamed into place at the end,
 so an interrupted run never leaves a half-written shard set that looks complete.
@@ -30,12 +31,13 @@ import numpy as np
 
 from levante.data.readers import UNKNOWN_LANG, ReadStats, read_documents
 from levante.errors import LevanteError
+from levante.tokenizer.tokenizer import LevanteTokenizer
 from levante.util import staged_dir, write_durable
 
 log = logging.getLogger(__name__)
 
 FORMAT = "levante-shards"
-VERSION = 1
+VERSION = 2  # 2: documents start with bos
 TOKENS_FILE, DOCS_FILE, INDEX_FILE = "tokens.bin", "docs.npy", "index.json"
 OFFSET, LENGTH, LANG, NBYTES = range(4)  # columns of docs.npy
 
@@ -53,8 +55,6 @@ def _init_worker(tokenizer_path: str) -> None:
     global _worker_tok
     # One process per worker already: the tokenizer's own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from levante.tokenizer.train import LevanteTokenizer
-
     _worker_tok = LevanteTokenizer(tokenizer_path)
 
 
@@ -84,15 +84,10 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _encode_with(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (tokens of all docs, each followed by eos, as uint32), per-doc lengths, per-doc UTF-8 bytes."""
-    ids = tok.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.empty(int(lengths.sum()), dtype=np.uint32)
-    pos = 0
-    for x in ids:
-        flat[pos:pos + len(x)] = x
-        flat[pos + len(x)] = tok.eos_id
-        pos += len(x) + 1
+    """-> (tokens of all docs as `bos text eos`, uint32), per-doc lengths, per-doc UTF-8 bytes."""
+    ids = tok.encode_documents(texts)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(lengths.sum()))
     nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     return flat, lengths, nbytes
 
@@ -116,6 +111,7 @@ class ShardIndex:
     tokenizer_sha256: str
     vocab_size: int
     dtype: str
+    bos_id: int
     eos_id: int
     num_tokens: int
     num_documents: int
@@ -125,11 +121,12 @@ class ShardIndex:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "tokenizer_sha256": self.tokenizer_sha256,
-                "vocab_size": self.vocab_size, "dtype": self.dtype, "eos_id": self.eos_id,
+                "vocab_size": self.vocab_size, "dtype": self.dtype, "bos_id": self.bos_id,
+                "eos_id": self.eos_id,
                 "num_tokens": self.num_tokens, "num_documents": self.num_documents, "langs": self.langs,
                 "per_lang": self.per_lang, "rejected": self.rejected,
                 "files": {"tokens": TOKENS_FILE, "docs": DOCS_FILE},
-                "docs_columns": ["offset", "length_incl_eos", "lang", "n_bytes"]}
+                "docs_columns": ["offset", "length_incl_bos_eos", "lang", "n_bytes"]}
 
 
 def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs: int = 256,
@@ -140,8 +137,6 @@ def tokenize_corpus(paths, tokenizer_path, out_dir, workers: int = 1, chunk_docs
     for any number of workers. Workers are spawned (safe when the caller holds threads), so a script
     calling this with workers > 1 needs the usual `if __name__ == "__main__":` guard.
     """
-    from levante.tokenizer.train import LevanteTokenizer
-
     if workers < 1 or chunk_docs < 1:
         raise LevanteError(f"workers and chunk_docs must be >= 1, got {workers} and {chunk_docs}")
     tok = LevanteTokenizer(tokenizer_path)
@@ -194,7 +189,7 @@ def _write_index(tmp: Path, tok, dtype, langs, lengths, nbytes, stats: ReadStats
         rows = table[table[:, LANG] == i]
         per_lang[lang] = {"docs": int(len(rows)), "tokens": int(rows[:, LENGTH].sum()),
                           "bytes": int(rows[:, NBYTES].sum())}
-    index = ShardIndex(tmp, tok.sha256, tok.vocab_size, dtype.name, tok.eos_id,
+    index = ShardIndex(tmp, tok.sha256, tok.vocab_size, dtype.name, tok.bos_id, tok.eos_id,
                        int(table[:, LENGTH].sum()), len(table), codes, per_lang,
                        dict(sorted(stats.rejected.items())))
     write_durable(tmp / INDEX_FILE, (json.dumps(index.to_json(), indent=2) + "\n").encode())
@@ -213,6 +208,7 @@ class Shards:
 
     tokenizer_sha256 = property(lambda self: self.meta["tokenizer_sha256"])
     vocab_size = property(lambda self: int(self.meta["vocab_size"]))
+    bos_id = property(lambda self: int(self.meta["bos_id"]))
     eos_id = property(lambda self: int(self.meta["eos_id"]))
     num_tokens = property(lambda self: int(self.meta["num_tokens"]))
     num_documents = property(lambda self: int(self.meta["num_documents"]))
@@ -222,7 +218,7 @@ class Shards:
         return self.num_documents
 
     def document(self, i: int) -> np.ndarray:
-        """Tokens of document i, including its trailing eos."""
+        """Tokens of document i: bos, text, eos."""
         off, n = int(self.docs[i, OFFSET]), int(self.docs[i, LENGTH])
         return self.tokens[off:off + n]
 
@@ -240,10 +236,11 @@ def open_shards(path, expected_tokenizer_sha256: str | None = None) -> Shards:
         if meta.get("format") != FORMAT:
             raise ValueError("not a levante shard index")
         if meta.get("version") != VERSION:
-            raise ValueError(f"format version {meta.get('version')}, this levante reads {VERSION}")
+            raise ValueError(f"format version {meta.get('version')}, this levante reads {VERSION}; "
+                             "re-run levante tokenize")
         dtype = np.dtype(meta["dtype"])
         num_tokens, num_docs = int(meta["num_tokens"]), int(meta["num_documents"])
-        meta["tokenizer_sha256"], meta["langs"], meta["eos_id"]  # noqa: B018 - required keys
+        meta["tokenizer_sha256"], meta["langs"], meta["bos_id"], meta["eos_id"]  # noqa: B018 - required keys
     except (ValueError, KeyError, TypeError) as e:
         raise LevanteError(f"corrupt shard index {index_path}: {e}") from None
     have = meta["tokenizer_sha256"]

@@ -82,13 +82,13 @@ def generate_ids(model, prompt_ids: list[int], params: SamplingParams, eos_id: i
 
 
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams,
-                  on_text: Callable[[str], None] | None = None, add_bos: bool = True) -> str:
+                  on_text: Callable[[str], None] | None = None) -> str:
     """Generate a continuation of `prompt`, calling `on_text` with each new piece of text as it forms.
 
     Byte-level BPE can split one character over several tokens, so text is emitted only once it
     decodes cleanly (no trailing replacement character).
     """
-    ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)  # `<|bos|> prompt`: documents start so in training
     new: list[int] = []
     shown = ""
     for tid in generate_ids(model, ids, params, eos_id=tokenizer.eos_id):

@@ -116,6 +116,16 @@ def _export_tokenizer(ckpt_dir: Path, out: Path, cfg: ModelConfig) -> None:
     write_hf_tokenizer_files(ckpt_dir / "tokenizer.json", out, model_max_length=cfg.max_position_embeddings)
 
 
+def _generation_config(ckpt_dir: Path, cfg: ModelConfig) -> dict:
+    """Stop at the end of a document and, for a Levante tokenizer, at the end of a chat turn."""
+    eos = [cfg.eos_token_id]
+    if (ckpt_dir / "tokenizer.json").is_file() and not (ckpt_dir / "tokenizer_config.json").is_file():
+        from levante.tokenizer import LevanteTokenizer
+
+        eos.append(LevanteTokenizer(ckpt_dir / "tokenizer.json").end_id)
+    return {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": eos}
+
+
 def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, include_mtp: bool = True,
               overwrite: bool = False) -> Path:
@@ -135,8 +145,7 @@ def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
         _write_hf_weights(hf, out, torch_dtype, max_shard_bytes)
         del hf, state
         _write_json(out / "config.json", config_to_hf(cfg, dtype_name))
-        generation = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
-                      "eos_token_id": cfg.eos_token_id}
+        generation = _generation_config(ckpt.path, cfg)
         _write_json(out / "generation_config.json", generation)
         _export_tokenizer(ckpt.path, out, cfg)
     return dst

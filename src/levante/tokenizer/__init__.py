@@ -1,20 +1,17 @@
-"""Byte-level BPE tokenizer: language-balanced training, loading, fertility / parity reports."""
+"""Byte-level BPE tokenizer: the tokenizer class, the chat format, language-balanced training, parity."""
 
+from levante.tokenizer.chat import CHAT_TEMPLATE, chat_segments, render_chat
 from levante.tokenizer.parity import Fertility, fertility, parity_report
-from levante.tokenizer.train import (
-    CHAT_TEMPLATE,
+from levante.tokenizer.tokenizer import (
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
-    LangSample,
     LevanteTokenizer,
-    TrainReport,
-    sampling_shares,
-    train_tokenizer,
     write_hf_tokenizer_files,
 )
+from levante.tokenizer.train import LangSample, TrainReport, sampling_shares, train_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE", "MIN_VOCAB_SIZE", "SPECIAL_TOKENS", "Fertility", "LangSample", "LevanteTokenizer",
-    "TrainReport", "fertility", "parity_report", "sampling_shares", "train_tokenizer",
-    "write_hf_tokenizer_files",
+    "TrainReport", "chat_segments", "fertility", "parity_report", "render_chat", "sampling_shares",
+    "train_tokenizer", "write_hf_tokenizer_files",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from levante.data.readers import UNKNOWN_LANG, Document, ReadStats, read_documents
+from levante.tokenizer.tokenizer import LevanteTokenizer
 
 
 @dataclass
@@ -63,7 +64,5 @@ def fertility(tokenizer, documents: Iterable[Document], reference: str = "en",
 
 def parity_report(tokenizer_path, paths, reference: str = "en") -> dict[str, Fertility]:
     """Fertility, parity and token premium on parallel files, e.g. `flores/dev/<lang>.txt`."""
-    from levante.tokenizer.train import LevanteTokenizer
-
     return fertility(LevanteTokenizer(tokenizer_path), read_documents(paths, ReadStats()),
                      reference, parallel=True)

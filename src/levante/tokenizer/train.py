@@ -1,4 +1,4 @@
-"""Train a language-balanced byte-level BPE tokenizer, and load it back.
+"""Train a language-balanced byte-level BPE tokenizer.
 
 Byte-level: every UTF-8 byte is in the base alphabet, so any text (Greek, Cyrillic, emoji, code)
 round-trips exactly and there is no <unk>. No normaliser either: decode(encode(text)) == text, and
@@ -12,8 +12,6 @@ natural shares, alpha=0: uniform; 0.3 is the usual multilingual compromise, as i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import numbers
 import zlib
@@ -26,123 +24,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from levante.data.readers import UNKNOWN_LANG, ReadStats, read_documents
 from levante.errors import LevanteError
 from levante.tokenizer.parity import Fertility, fertility
+from levante.tokenizer.tokenizer import (
+    MIN_MERGES,
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    LevanteTokenizer,
+    document_post_processor,
+    write_hf_tokenizer_files,
+)
 from levante.util import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-# Fixed ids 0..6: configs, chat templates and shards rely on them, whatever the corpus.
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS
-MIN_MERGES = 8
-MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256 + MIN_MERGES
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role: ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-class LevanteTokenizer:
-    """A trained tokenizer.json (or a directory holding one), with Levante's fixed special ids.
-
-    `encode` treats text literally: a document containing the string "<|eos|>" gets the bytes of that
-    string, never the control token, so corpus text cannot forge document or chat boundaries. Pass
-    `allow_special=True` to map special-token strings to their ids (e.g. for a rendered chat prompt).
-    """
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise LevanteError(f"tokenizer not found: {path}")
-        raw = path.read_bytes()
-        try:
-            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
-            self._special = Tokenizer.from_str(raw.decode("utf-8"))
-        except Exception as e:  # the Rust side raises plain Exception subclasses
-            raise LevanteError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-        self._tok.encode_special_tokens = True
-        for want, tok in enumerate(SPECIAL_TOKENS):
-            if self._tok.token_to_id(tok) != want:
-                raise LevanteError(f"{path}: not a Levante tokenizer ({tok} should have id {want})")
-        self.path = path
-        self.sha256 = hashlib.sha256(raw).hexdigest()
-
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        tok = self._special if allow_special else self._tok
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
-        tok = self._special if allow_special else self._tok
-        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int:
-        return SPECIAL_TOKENS.index(BOS)
-
-    @property
-    def eos_id(self) -> int:
-        return SPECIAL_TOKENS.index(EOS)
-
-    @property
-    def pad_id(self) -> int:
-        return SPECIAL_TOKENS.index(PAD)
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        return {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-
-
-def write_hf_tokenizer_files(tokenizer_json_path: str | Path, out_dir: str | Path,
-                             model_max_length: int = 2048) -> list[Path]:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json in `out_dir`, so that
-    `AutoTokenizer.from_pretrained(out_dir)` works offline. Returns the files written."""
-    src, out_dir = Path(tokenizer_json_path), Path(out_dir)
-    LevanteTokenizer(src)  # refuse to export something that is not a Levante tokenizer
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "tokenizer.json"
-    if not (target.exists() and target.resolve() == src.resolve()):
-        atomic_write_bytes(target, src.read_bytes())
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "unk_token": None,
-        "additional_special_tokens": list(SPECIAL_TOKENS[3:]),
-        "model_max_length": int(model_max_length),
-        "clean_up_tokenization_spaces": False,  # byte-level: decode must return the exact text
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    written = [target]
-    for name, obj in (("tokenizer_config.json", config),
-                      ("special_tokens_map.json", {**specials,
-                                                   "additional_special_tokens": list(SPECIAL_TOKENS[3:])})):
-        atomic_write_bytes(out_dir / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-        written.append(out_dir / name)
-    return written
-
 
 # ----------------------------------------------------------------------------------------- sampling
 
@@ -261,6 +153,7 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = document_post_processor()
     trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=2, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
