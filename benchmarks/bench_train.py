@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 from levante.config import ModelConfig, OptimConfig  # noqa: E402
 from levante.interop.hf_mapping import config_to_hf, levante_to_hf  # noqa: E402
-from levante.model.moe import update_router_bias  # noqa: E402
 from levante.model.transformer import Transformer  # noqa: E402
+from levante.train.balancing import RouterBalancer  # noqa: E402
 from levante.train.metrics import measure_cpu_matmul_peak, mfu, model_flops_per_token  # noqa: E402
 from levante.train.optim import build_optimizer, clip_grad_norm  # noqa: E402
 
@@ -144,18 +144,20 @@ def step_measure(name, side, model, ids, optimizer, hf: bool, grad_clip: float, 
                  hf_use_cache: bool = False):
     kwargs = {"use_cache": hf_use_cache} if hf else {}
     params = [p for p in model.parameters() if p.requires_grad]
+    balancer = None if hf else RouterBalancer(model, bias_speed)
 
     def run():
-        loss = model(ids, labels=ids, **kwargs).loss
-        loss.backward()
+        out = model(ids, labels=ids, **kwargs)
+        out.loss.backward()
         if hf:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:
             clip_grad_norm(params, grad_clip)  # what Levante's trainer calls
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not hf:
-            update_router_bias(model, bias_speed)  # part of every Levante trainer step
+        if balancer is not None:  # part of every Levante trainer step
+            balancer.observe(out.expert_load)
+            balancer.step()
 
     return Measurement(name, side, run)
 
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
         if args.only is None:
             lv.eval()
             hf.eval()
-            # Grad stays enabled on purpose: Levante's grouped-matmul probe (moe._grouped_mm_works) runs a
+            # Grad stays enabled on purpose: Levante's grouped-matmul probe (kernels._grouped_mm_works) runs a
             # backward on first use and caches the answer, so a first forward under no_grad would pin
             # the per-expert fallback path for the rest of the process.
             with torch.enable_grad():
@@ -318,9 +320,9 @@ def main(argv=None) -> int:
 
     if "levante" in sides:
         # The expert path Levante's grouped_linear took in this process (the probe's cached answer).
-        from levante.model import moe as lv_moe
+        from levante.model import kernels as lv_kernels
 
-        result["levante_experts_path"] = ("grouped_mm" if lv_moe._grouped_mm_works("cpu", torch.float32)
+        result["levante_experts_path"] = ("grouped_mm" if lv_kernels._grouped_mm_works("cpu", torch.float32)
                                           else "per-expert loop (fallback)")
     peak = max(peaks)
     result["peak_flops"] = peak

@@ -50,7 +50,7 @@ TINY_MODEL = {
 def levante_command() -> list[str]:
     """The installed console script, or the module if the script is not on PATH."""
     exe = shutil.which("levante")
-    return [exe] if exe else [sys.executable, "-m", "levante.cli"]
+    return [exe] if exe else [sys.executable, "-m", "levante"]
 
 
 def _subprocess_env() -> dict[str, str]:

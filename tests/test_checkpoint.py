@@ -8,14 +8,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from levante.checkpoint import checksum_problem, list_checkpoints, load_latest, save_checkpoint
 from levante.config import OptimConfig
 from levante.errors import LevanteError
-from levante.train.checkpoint import (
-    list_checkpoints,
-    load_latest,
-    save_checkpoint,
-    verify_checkpoint,
-)
 from levante.train.metrics import MetricsWriter
 from levante.train.optim import build_optimizer
 
@@ -180,9 +175,8 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog, damage):
     train_step(model, opt, 5)
     bad = save(tmp_path, 2, model, opt)
     damage(bad / "model.safetensors")
-    ok, reason = verify_checkpoint(bad)
-    assert not ok and "model.safetensors" in reason
-    assert verify_checkpoint(good) == (True, "ok")
+    assert "model.safetensors" in checksum_problem(bad)
+    assert checksum_problem(good) is None
     other, other_opt = fresh()
     with caplog.at_level(logging.WARNING, logger="levante"):
         path, state = load_latest(tmp_path, other, other_opt)
@@ -190,14 +184,19 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog, damage):
     assert any("step_00000002" in r.getMessage() for r in caplog.records)
 
 
-def test_damaged_optimizer_or_missing_checksums_detected(tmp_path):
+def test_damaged_optimizer_detected_and_missing_checksums_loaded_with_a_warning(tmp_path, caplog):
+    """The one trust rule (checkpoint/verify.py), the same as from_pretrained's (test_hf_errors)."""
     model, opt = trained()
     path = save(tmp_path, 1, model, opt)
     flip_byte(path / "optimizer.safetensors")
-    assert not verify_checkpoint(path)[0]
+    assert checksum_problem(path) == "optimizer.safetensors sha256 mismatch (corrupted)"
     path2 = save(tmp_path, 2, model, opt)
     (path2 / "checksums.json").unlink()
-    assert verify_checkpoint(path2) == (False, "checksums.json missing (incomplete write)")
+    with caplog.at_level(logging.WARNING, logger="levante"):
+        assert checksum_problem(path2) is None
+        found, _ = load_latest(tmp_path, *trained())
+    assert found == path2
+    assert any("no checksums.json" in r.getMessage() for r in caplog.records)
 
 
 def test_all_corrupt_raises(tmp_path):
@@ -246,7 +245,7 @@ def test_tokenizer_copy_is_checksummed(tmp_path):
     path = save_checkpoint(tmp_path / "run", 1, model, opt, {}, keep_last=1, tokenizer_path=tok)
     assert (path / "tokenizer.json").read_text() == '{"model": "bpe"}'
     (path / "tokenizer.json").write_text('{"model": "bpf"}')
-    assert verify_checkpoint(path) == (False, "tokenizer.json sha256 mismatch (corrupted)")
+    assert checksum_problem(path) == "tokenizer.json sha256 mismatch (corrupted)"
     with pytest.raises(LevanteError, match="tokenizer file not found"):
         save_checkpoint(tmp_path / "run", 2, model, opt, {}, keep_last=1, tokenizer_path=tmp_path / "no")
 

@@ -242,4 +242,20 @@ def test_cli_export_hf_matches_transformers(cli_run, run_levante, tmp_path):
 
     text = "Der Markt öffnet um sechs. Η θάλασσα."
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(dst))
-    assert hf_tok.encode(text) == LevanteTokenizer(cli_run / "tok" / "tokenizer.json").encode(text)
+    assert hf_tok.encode(text) == LevanteTokenizer(cli_run / "tok" / "tokenizer.json").encode_prompt(text)
+
+    # Generation is conditioned as training was: transformers' greedy `generate` on the export, fed
+    # through AutoTokenizer, continues exactly as `levante generate` (latent cache, absorbed MLA).
+    # A model trained for 6 steps soon predicts <|eos|>: both sides are told to go on past it.
+    assert theirs.generation_config.eos_token_id == [1, 6]  # end of document, end of chat turn
+    theirs.generation_config.eos_token_id = None
+    for prompt in ("The old library", "Η θάλασσα"):
+        ids = hf_tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = theirs.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+        assert out.shape[1] - ids.shape[1] == 32
+        expected = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        result = run_levante("generate", cli_run / "run", "--prompt", prompt, "--temperature", "0", "-n", "32",
+                             "--ignore-eos", "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == prompt + expected + "\n"

@@ -7,8 +7,10 @@ import torch
 
 import levante
 from levante import ConfigError, ModelConfig, Transformer
+from levante.model import kernels
 from levante.model import moe as moe_mod
-from levante.model.moe import expert_load_stats, moe_layers, update_router_bias
+from levante.model.moe import moe_layers
+from levante.train.balancing import RouterBalancer
 
 
 def small_config(**kw) -> ModelConfig:
@@ -66,7 +68,7 @@ def test_grouped_matmul_and_loop_fallback_agree(monkeypatch):
     out_a.loss.backward()
     grads_a = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    monkeypatch.setattr(moe_mod, "_grouped_mm_works", lambda *a: False)
+    monkeypatch.setattr(kernels, "_grouped_mm_works", lambda *a: False)
     out_b = model(ids, labels=ids)
     out_b.loss.backward()
     assert torch.allclose(out_a.logits, out_b.logits, atol=1e-5)
@@ -101,20 +103,19 @@ def test_bias_update_evens_out_a_skewed_router():
             m.gate.weight.normal_(std=0.5)
             m.gate.e_score_correction_bias.copy_(torch.tensor([1.0, 1.0] + [-0.2] * 6))
     ids = torch.randint(0, 128, (8, 32))
+    balancer = RouterBalancer(model, cfg.bias_update_speed)
 
     def imbalance():
+        probe = RouterBalancer(model, 0.0)
         with torch.no_grad():
-            model(ids)
-        stats = expert_load_stats(model)["load_max_over_mean"]
-        for m in moe_layers(model):
-            m.tokens_per_expert.zero_()
-        return stats
+            probe.observe(model(ids).expert_load)
+        return probe.stats()["load_max_over_mean"]
 
     before = imbalance()
     for _ in range(150):
         with torch.no_grad():
-            model(ids)
-        update_router_bias(model, cfg.bias_update_speed)
+            balancer.observe(model(ids).expert_load)
+        balancer.step()
     after = imbalance()
     assert before > 3.0  # top-2 of 8 on two experts: max/mean = 4
     assert after < 1.5
@@ -124,11 +125,27 @@ def test_bias_update_evens_out_a_skewed_router():
 
 def test_bias_is_untouched_when_speed_is_zero():
     model = Transformer(small_config()).train()
-    model(torch.randint(0, 128, (2, 8)))
-    update_router_bias(model, 0.0)
+    balancer = RouterBalancer(model, 0.0)
+    balancer.observe(model(torch.randint(0, 128, (2, 8))).expert_load)
+    balancer.step()
     for m in moe_layers(model):
         assert torch.count_nonzero(m.gate.e_score_correction_bias) == 0
-        assert m.tokens_per_expert.sum() == 0  # counts reset every step
+    assert balancer.load is None  # counts reset every step
+
+
+def test_expert_load_counts_every_routed_token_once_per_forward():
+    """Loads come out of the forward (not a module buffer): k per token per MoE layer, MTP included,
+    and a recomputed forward (activation checkpointing) cannot add to what the trainer counts."""
+    cfg = small_config(num_nextn_predict_layers=1)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, 128, (2, 16))
+    out = model(ids, labels=ids)
+    n_moe = len(moe_layers(model))
+    assert out.expert_load.shape == (n_moe, cfg.n_routed_experts) and not out.expert_load.requires_grad
+    per_layer = out.expert_load.sum(-1)
+    assert torch.equal(per_layer[:-1], torch.full((n_moe - 1,), 2.0 * 16 * cfg.num_experts_per_tok))
+    assert per_layer[-1] == 2 * 15 * cfg.num_experts_per_tok  # MTP depth 1 sees T - 1 positions
+    assert not any(b.dtype.is_floating_point and "load" in n for n, b in model.named_buffers())
 
 
 def test_mtp_loss_is_finite_and_decreases():
@@ -190,11 +207,11 @@ def test_unknown_config_key_suggests_the_closest():
 
 def test_grouped_mm_probe_is_not_fooled_by_no_grad():
     """The first MoE forward is often an eval under no_grad; the kernel probe must still see backward."""
-    moe_mod._grouped_mm_works.cache_clear()
+    kernels._grouped_mm_works.cache_clear()
     try:
         with torch.no_grad():
-            under_no_grad = moe_mod._grouped_mm_works("cpu", torch.float32)
-        moe_mod._grouped_mm_works.cache_clear()
-        assert under_no_grad == moe_mod._grouped_mm_works("cpu", torch.float32)
+            under_no_grad = kernels._grouped_mm_works("cpu", torch.float32)
+        kernels._grouped_mm_works.cache_clear()
+        assert under_no_grad == kernels._grouped_mm_works("cpu", torch.float32)
     finally:
-        moe_mod._grouped_mm_works.cache_clear()
+        kernels._grouped_mm_works.cache_clear()

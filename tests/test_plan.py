@@ -205,7 +205,7 @@ def test_bad_inputs_raise_one_line_errors(kwargs):
 def test_format_plan_renders():
     from rich.console import Console
 
-    from levante.plan import format_plan
+    from levante.plan.render import format_plan
 
     console = Console(width=120, record=True)
     console.print(format_plan(plan(ModelConfig.preset("100b"))))
@@ -218,7 +218,7 @@ def test_format_plan_renders():
 
 @pytest.fixture
 def run_cli():
-    from levante.cli_plan import plan_command
+    from levante.cli.plan import plan_command
 
     app = typer.Typer()
     app.command()(plan_command)

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "run"
-    proc = subprocess.run([sys.executable, "-m", "levante.cli", "quickstart", "--out", str(out), "--steps", "40"],
+    proc = subprocess.run([sys.executable, "-m", "levante", "quickstart", "--out", str(out), "--steps", "40"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
@@ -46,7 +46,7 @@ def test_quickstart_samples_start_with_their_prompts(quickstart_dir):
 
 def test_quickstart_refuses_a_foreign_non_empty_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    proc = subprocess.run([sys.executable, "-m", "levante.cli", "quickstart", "--out", str(tmp_path), "--steps", "1"],
+    proc = subprocess.run([sys.executable, "-m", "levante", "quickstart", "--out", str(tmp_path), "--steps", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "not empty" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"

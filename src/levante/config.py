@@ -25,6 +25,17 @@ class ConfigError(LevanteError, ValueError):
     """A user mistake in a config: the message is one line and names the field."""
 
 
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({str(e).splitlines()[0]})") from None
+
+
 def _closest(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
@@ -249,6 +260,21 @@ class ModelConfig:
         explicit = {k: getattr(override, k) for k in data}
         return dataclasses.replace(base, **explicit).validate()
 
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ModelConfig:
+        """The `[model]` table of a training config or of a checkpoint's config.toml.
+
+        The one reader of model tables: only `[model]` is validated, so a checkpoint's other sections
+        (data paths, optimizer) need not be valid on the machine that loads it.
+        """
+        data = read_toml(path)
+        if not isinstance(data.get("model"), dict):
+            raise ConfigError(f"{path}: no [model] table")
+        try:
+            return cls.from_dict(data["model"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
     def to_dict(self) -> dict:
         return to_dict(self)
 
@@ -359,6 +385,11 @@ class RunConfig:
     keep_last: int = 2
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
+    # Loss-spike / NaN guard (train/guard.py): skip steps beyond spike_sigma over spike_window steps.
+    skip_spikes: bool = True
+    spike_window: int = 128
+    spike_sigma: float = 6.0
+    max_consecutive_skips: int = 8
 
 
 @dataclass
@@ -388,6 +419,9 @@ class TrainConfig:
         self.model.validate()
         checks = [
             (self.data.seq_len > 0, "data.seq_len must be positive"),
+            (self.data.seq_len <= self.model.max_position_embeddings,
+             f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+             f"({self.model.max_position_embeddings})"),
             (self.optim.name in ("muon", "adamw"),
              f"optim.name must be 'muon' or 'adamw', got '{self.optim.name}'"),
             (self.optim.lr > 0 and self.optim.muon_lr > 0, "learning rates must be positive"),
@@ -404,6 +438,8 @@ class TrainConfig:
             (self.run.eval_every >= 0 and self.run.ckpt_every >= 0,
              "run.eval_every and run.ckpt_every must be >= 0 (0: only at the end)"),
             (self.run.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
+            (self.run.spike_window >= 2 and self.run.spike_sigma > 0 and self.run.max_consecutive_skips >= 1,
+             "run.spike_window must be >= 2, run.spike_sigma > 0 and run.max_consecutive_skips >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -412,14 +448,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path))
 
     def to_dict(self) -> dict:
         return to_dict(self)

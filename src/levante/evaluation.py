@@ -7,11 +7,14 @@ across tokenizers and languages (a language the tokenizer splits finely pays for
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from levante.data.loader import LangEval
+from levante.data.loader import LangEval, language_eval_windows
+from levante.data.shards import open_shards, tokenize_corpus
 from levante.errors import LevanteError
 
 
@@ -46,3 +49,23 @@ def summarize(per_lang: dict[str, dict]) -> dict:
     nats = sum(r["loss"] * r["tokens"] for r in per_lang.values())
     n_bytes = sum(r["bytes"] for r in per_lang.values())
     return {"loss": nats / max(tokens, 1), "bpb": nats / math.log(2) / max(n_bytes, 1)}
+
+
+def evaluate_checkpoint(path: str | Path, data: list[str | Path], seq_len: int = 256,
+                        batch_size: int = 8, device: str = "auto") -> dict:
+    """Loss and bits-per-byte per language on `data`: one shard dir, or raw corpus files that are
+    tokenized here with the checkpoint's own tokenizer."""
+    from levante.infer.load import load_for_inference
+
+    model, tokenizer, ckpt_dir = load_for_inference(path, device)
+    device = next(model.parameters()).device
+    data = [Path(p) for p in data]
+    with tempfile.TemporaryDirectory() as tmp:
+        if len(data) == 1 and (data[0] / "index.json").is_file():
+            shards = open_shards(data[0], expected_tokenizer_sha256=tokenizer.sha256)
+        else:
+            tokenize_corpus(data, tokenizer.path, Path(tmp) / "shards")
+            shards = open_shards(Path(tmp) / "shards", expected_tokenizer_sha256=tokenizer.sha256)
+        sets = language_eval_windows(shards, seq_len)
+        per_lang = evaluate_languages(model, sets, batch_size=batch_size, device=device)
+    return {"checkpoint": str(ckpt_dir), "per_language": per_lang, **summarize(per_lang)}

@@ -21,7 +21,7 @@ from levante.data.readers import bundled_corpus
 from levante.data.shards import tokenize_corpus
 from levante.errors import LevanteError
 from levante.infer.engine import SamplingParams, generate_text
-from levante.pipeline import load_for_inference
+from levante.infer.load import load_for_inference
 from levante.progress import train_with_progress
 from levante.report import write_report
 from levante.tokenizer import train_tokenizer
@@ -44,12 +44,14 @@ def quickstart_config(out: Path, steps: int) -> TrainConfig:
     ).validate()
 
 
-def _prepare_dir(out: Path) -> None:
+def _prepare_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LevanteError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise LevanteError(f"{out} is not empty and is not a previous quickstart directory; choose --out")
+        if not overwrite:
+            raise LevanteError(f"{out} holds a previous quickstart; use --overwrite to replace it or choose --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by levante quickstart; safe to delete\n")
@@ -71,12 +73,12 @@ def _calibrate(cfg: TrainConfig) -> tuple[float, dict]:
 
 
 def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: int | None = None,
-                   console: Console | None = None) -> dict:
+                   overwrite: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(out)
     if steps is None and minutes <= 0:
         raise LevanteError(f"--minutes must be positive, got {minutes}")
-    _prepare_dir(out)
+    _prepare_dir(out, overwrite)
     started = time.perf_counter()
     train_files, valid_files = bundled_corpus("train"), bundled_corpus("valid")
 

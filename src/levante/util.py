@@ -99,3 +99,23 @@ def staged_dir(dst: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resolve_device(name: str = "auto"):
+    """A torch.device from "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; LevanteError if
+    CUDA is asked for and absent."""
+    import torch
+
+    from levante.errors import LevanteError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LevanteError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LevanteError(f"device {name!r} asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise LevanteError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device

@@ -16,17 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from levante.checkpoint import write_checksums
+from levante.checkpoint.resolve import Checkpoint, resolve_checkpoint
 from levante.config import ModelConfig, TrainConfig
 from levante.errors import LevanteError
 from levante.interop.hf_mapping import config_to_hf, levante_to_hf
-from levante.interop.load import (
-    HF_INDEX,
-    WEIGHTS,
-    Checkpoint,
-    read_checkpoint,
-    resolve_checkpoint,
-)
-from levante.train.checkpoint import write_checksums
+from levante.interop.load import HF_INDEX, WEIGHTS, read_checkpoint
 from levante.util import fsync_file, staged_dir, write_durable
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it

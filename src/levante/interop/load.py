@@ -11,104 +11,32 @@ import dataclasses
 import json
 import logging
 import re
-import tomllib
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from levante.checkpoint.layout import CONFIG_FILE
+from levante.checkpoint.layout import MODEL_FILE as WEIGHTS
+from levante.checkpoint.resolve import Checkpoint, resolve_checkpoint
 from levante.config import ConfigError, ModelConfig
 from levante.errors import LevanteError
 from levante.interop.hf_mapping import config_from_hf, hf_to_levante
-from levante.model.moe import moe_layers
 from levante.model.rope import rope_frequencies
 from levante.model.transformer import Transformer
-from levante.train.checkpoint import CHECKSUMS, CONFIG_FILE, TRAINER_JSON, verify_checkpoint
-from levante.train.checkpoint import MODEL_FILE as WEIGHTS
 
 log = logging.getLogger(__name__)
 
 HF_INDEX = "model.safetensors.index.json"
-LEVANTE_CONFIGS = (CONFIG_FILE,)
 # Routing runs in fp32 (as in DeepSeek's release and transformers): never round these down.
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-# ------------------------------------------------------------------------------ finding checkpoints
-
-
-@dataclass
-class Checkpoint:
-    kind: str  # "levante" or "hf"
-    path: Path
-
-
-def _levante_config_file(d: Path) -> Path | None:
-    """Where a checkpoint dir's model config lives (the trainer writes config.toml into every one)."""
-    return next((d / n for n in LEVANTE_CONFIGS if (d / n).is_file()), None)
-
-
-def verify_checksums(ckpt: Path) -> str | None:
-    """Why `ckpt` fails its checksums.json, or None when it verifies (or has no checksums.json:
-    hand-assembled checkpoints are accepted). Only the files a model load reads are hashed."""
-    if not (ckpt / CHECKSUMS).is_file():
-        return None
-    needed = {WEIGHTS, *LEVANTE_CONFIGS, TRAINER_JSON, "tokenizer.json"}
-    ok, reason = verify_checkpoint(ckpt, required=(WEIGHTS,), hash_only=needed)
-    return None if ok else f"{ckpt}: {reason}"
-
-
-def _newest_verified(steps_parent: Path) -> Path | None:
-    steps = []
-    for d in steps_parent.iterdir() if steps_parent.is_dir() else ():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / WEIGHTS).is_file() and _levante_config_file(d):
-            steps.append((int(m.group(1)), d))
-    if not steps:
-        return None
-    failures = []
-    for _, d in sorted(steps, reverse=True):
-        problem = verify_checksums(d)
-        if problem is None:
-            return d
-        log.warning("skipping checkpoint %s: %s", d, problem)
-        failures.append(problem)
-    raise LevanteError(f"no intact checkpoint under {steps_parent}: all {len(steps)} fail verification "
-                       f"(newest: {failures[0]})")
-
-
-def resolve_checkpoint(path: str | Path) -> Checkpoint:
-    """A Levante checkpoint dir, a run dir (newest verified checkpoint), or a DeepseekV3 HF dir."""
-    path = Path(path)
-    if not path.exists():
-        raise LevanteError(f"checkpoint path not found: {path}")
-    if not path.is_dir():
-        raise LevanteError(f"{path} is a file; expected a checkpoint directory")
-    if (path / WEIGHTS).is_file() and _levante_config_file(path):
-        problem = verify_checksums(path)
-        if problem:
-            raise LevanteError(f"checkpoint failed verification: {problem}")
-        return Checkpoint("levante", path)
-    if (path / "config.json").is_file():
-        return Checkpoint("hf", path)
-    for parent in (path / "checkpoints", path):
-        found = _newest_verified(parent)
-        if found is not None:
-            return Checkpoint("levante", found)
-    if _levante_config_file(path):
-        raise LevanteError(f"{path} has a config but no {WEIGHTS} and no checkpoints/step_*/ to load")
-    raise LevanteError(f"{path} is not a model directory: expected a Levante checkpoint ({WEIGHTS} + "
-                       "config.toml), a run dir with checkpoints/step_*/, or a DeepseekV3 dir with "
-                       "config.json")
 
 
 # ----------------------------------------------------------------------------------- reading tensors
@@ -144,27 +72,11 @@ class _Files:
         return self._keys[file]
 
 
-def _config_text(ckpt: Path) -> tuple[Path, str]:
-    """(source, TOML text) of a checkpoint's config."""
-    cfg_file = _levante_config_file(ckpt)
-    if cfg_file is None:
-        raise LevanteError(f"{ckpt} has no config.toml")
-    return cfg_file, cfg_file.read_text(encoding="utf-8")
-
-
 def load_levante_config(ckpt: Path) -> ModelConfig:
-    """The `[model]` table of a checkpoint's config (a full TrainConfig TOML), or a bare model table."""
-    cfg_file, text = _config_text(ckpt)
-    try:
-        data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: not valid TOML ({_one_line(e)})") from None
-    # Only the model matters here; other sections (data paths, optimizer) need not be valid on this machine.
-    table = data["model"] if isinstance(data.get("model"), dict) else data
-    try:
-        return ModelConfig.from_dict(table)
-    except ConfigError as e:
-        raise ConfigError(f"{cfg_file}: {e}") from None
+    """The model config of a Levante checkpoint dir (its config.toml)."""
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise LevanteError(f"{ckpt} has no {CONFIG_FILE}")
+    return ModelConfig.from_toml(ckpt / CONFIG_FILE)
 
 
 def read_hf_config(hf_dir: Path) -> ModelConfig:
@@ -319,8 +231,6 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype=
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers are not in checkpoints: rebuild them on the target device.
     model.inv_freq = rope_frequencies(cfg)[0].to(device)
-    for moe in moe_layers(model):
-        moe.tokens_per_expert = torch.zeros(cfg.n_routed_experts, device=device)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"internal error: tensor '{left[0]}' was not materialised")

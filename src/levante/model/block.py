@@ -20,10 +20,11 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos, sin, cache: LatentCache | None = None, start: int = 0):
+        """-> (hidden states, aux loss or None, routed tokens per expert or None for a dense layer)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            out, aux = self.mlp(h)
+            out, aux, load = self.mlp(h)
         else:
-            out, aux = self.mlp(h), None
-        return x + out, aux
+            out, aux, load = self.mlp(h), None, None
+        return x + out, aux, load

@@ -8,13 +8,12 @@ so compute is proportional to the tokens each expert actually receives.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from levante.config import ModelConfig
+from levante.model.kernels import grouped_linear
 
 
 class MLP(nn.Module):
@@ -62,41 +61,6 @@ class Router(nn.Module):
         return weights * self.scaling, ids, scores
 
 
-@functools.cache
-def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this build has a grouped-matmul kernel (forward and backward) for device and dtype."""
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if fn is None:
-        return False
-    # Deterministic inputs: the probe must not consume the global RNG (exact resume relies on it).
-    x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-    w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-    offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-    try:
-        with torch.enable_grad():  # the first call may come from an eval under no_grad
-            y = fn(x, w, offs=offs)
-            y.backward(torch.ones_like(y))  # a dense gradient, as the model produces
-        return True
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
-@torch.compiler.disable  # data-dependent group sizes; the fake kernel also wants bf16: stay eager here
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """y[rows of expert e] = x[rows of expert e] @ weight[e].T, rows sorted by expert.
-
-    `weight` is [E, out, in]; `counts` holds the number of rows of each expert.
-    """
-    if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
-        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-        offs = counts.cumsum(0).to(torch.int32)
-        return fn(x, weight.transpose(1, 2), offs=offs)
-    # Fallback: one matmul per expert over its contiguous slice.
-    # unbind, not weight[e]: its backward stacks the per-expert grads instead of filling E full-size zeros.
-    chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ w.T for w, chunk in zip(weight.unbind(0), chunks, strict=True)], dim=0)
-
-
 class GroupedExperts(nn.Module):
     """All routed experts in stacked tensors: gate and up fused as [E, 2I, H], down as [E, H, I]."""
 
@@ -121,10 +85,13 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts > 0 else None
         )
-        # Routed-token counts since the last bias update (summed over micro-batches of a step).
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """-> (output, sequence-wise aux loss or None, routed tokens per expert [E], float32).
+
+        The counts are returned, not accumulated here: the trainer sums them over a step and moves the
+        router bias (aux-loss-free balancing), so a recomputed forward cannot count twice.
+        """
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, ids, scores = self.gate(flat)
@@ -142,12 +109,9 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
 
         aux = None
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-            if self.aux_loss_alpha > 0:
-                aux = self._sequence_balance_loss(scores.view(b, t, -1), ids.view(b, t * self.top_k))
-        return out.view(b, t, d), aux
+        if self.training and self.aux_loss_alpha > 0:
+            aux = self._sequence_balance_loss(scores.view(b, t, -1), ids.view(b, t * self.top_k))
+        return out.view(b, t, d), aux, counts.detach().float()
 
     def _sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences."""
@@ -161,32 +125,3 @@ class MoE(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-@torch.no_grad()
-def update_router_bias(model: nn.Module, speed: float) -> None:
-    """Aux-loss-free balancing step: b_i += speed * sign(mean load - load_i), then centre b.
-
-    Call once per optimizer step, after the loads of all micro-batches (and, under data
-    parallelism, of all ranks: all-reduce `tokens_per_expert` first) are in. Resets the counts.
-    """
-    for moe in moe_layers(model):
-        load = moe.tokens_per_expert
-        if speed > 0:  # no load at all: sign(0) = 0 leaves the bias as it is
-            bias = moe.gate.e_score_correction_bias
-            bias += speed * torch.sign(load.mean() - load)
-            bias -= bias.mean()
-        load.zero_()
-
-
-@torch.no_grad()
-def expert_load_stats(model: nn.Module) -> dict[str, float]:
-    """max/mean routed load per MoE layer over the counts accumulated so far (1.0 = perfectly even)."""
-    ratios = []
-    for moe in moe_layers(model):
-        load = moe.tokens_per_expert
-        if load.sum() > 0:
-            ratios.append(float(load.max() / load.mean()))
-    if not ratios:
-        return {}
-    return {"load_max_over_mean": max(ratios), "load_max_over_mean_avg": sum(ratios) / len(ratios)}

@@ -29,5 +29,4 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin):
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-        h, aux = self.block(h, cos, sin)
-        return h, aux
+        return self.block(h, cos, sin)  # (h, aux, load) as a block returns

@@ -1,6 +1,7 @@
 """RMSNorm (Zhang & Sennrich, 2019), computed in fp32 as DeepSeek does."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,10 +12,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in fp32, round back to the input dtype, then scale (DeepSeek's order).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)

@@ -26,6 +26,18 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    # Routed tokens per expert of every MoE layer, main layers then MTP blocks: [n_moe_layers, E]
+    # (float32, not differentiable). What aux-loss-free balancing steers by; None for a dense model.
+    expert_load: torch.Tensor | None = None
+
+
+def _collect(value, into: list) -> None:
+    if value is not None:
+        into.append(value)
+
+
+def _stack(loads: list) -> torch.Tensor | None:
+    return torch.stack(loads) if loads else None
 
 
 class DecodeCache:
@@ -90,29 +102,30 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_attention_factor, positions)
 
         h = self.embed_tokens(input_ids)
-        aux_losses = []
+        aux_losses, loads = [], []
         for i, layer in enumerate(self.layers):
-            h, aux = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start)
-            if aux is not None:
-                aux_losses.append(aux)
+            h, aux, load = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start)
+            _collect(aux, aux_losses)
+            _collect(load, loads)
         if cache is not None:
             cache.length += t
         h = self.norm(h)
         logits = self.lm_head(h)
         if targets is None:
-            return ModelOutput(logits=logits)
+            return ModelOutput(logits=logits, expert_load=_stack(loads))
 
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss = lm_loss
-        mtp_loss = self._mtp_loss(h, targets, cos, sin, aux_losses) if len(self.mtp) else None
+        mtp_loss = self._mtp_loss(h, targets, cos, sin, aux_losses, loads) if len(self.mtp) else None
         if mtp_loss is not None:
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         if aux_loss is not None:
             loss = loss + aux_loss
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss,
+                           expert_load=_stack(loads))
 
-    def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor, cos, sin, aux_losses: list):
+    def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor, cos, sin, aux_losses: list, loads: list):
         """Mean over depths k of CE(predict token i+k+1 from position i); the sequence shrinks by k."""
         t = targets.shape[1]
         losses = []
@@ -121,9 +134,9 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             next_tokens = targets[:, k - 1 : k - 1 + n].clamp_min(0)  # token i+k (ignored slots: any id)
-            h, aux = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
-            if aux is not None:
-                aux_losses.append(aux)
+            h, aux, load = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
+            _collect(aux, aux_losses)
+            _collect(load, loads)
             logits = self.lm_head(module.norm(h))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k : k + n].flatten(),
                                           ignore_index=IGNORE_INDEX))

@@ -98,7 +98,7 @@ def _check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float = 0.3, seed: int = 0,
-                    max_bytes_per_lang: int | None = None, eval_paths=None) -> TrainReport:
+                    max_bytes_per_lang: int | None = None, eval_paths=None, overwrite: bool = False) -> TrainReport:
     """Train byte-level BPE on `paths`, save `tokenizer.json` (+ HF side files) and report.
 
     `out_path` is a directory, or a `*.json` file path whose directory gets the side files.
@@ -110,6 +110,8 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
         raise LevanteError(f"alpha must be in [0, 1], got {alpha}")
     out_path = Path(out_path)
     json_path = out_path if out_path.suffix == ".json" else out_path / "tokenizer.json"
+    if json_path.exists() and not overwrite:
+        raise LevanteError(f"{json_path} exists; use --overwrite to replace it")
 
     # 1. Read, grouped by language (the texts stay in memory: cap them with max_bytes_per_lang).
     stats = ReadStats()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from levante.config import OptimConfig
 from levante.errors import LevanteError
@@ -120,15 +121,15 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:  # frozen this step (e.g. an expert no token reached): no update
-                    continue
-                if p.grad.is_sparse:
-                    raise LevanteError("optimizer: sparse gradients are not supported")
-                if group["kind"] == "muon":
+            # A param without grad is frozen this step (e.g. an expert no token reached): no update.
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise LevanteError("optimizer: sparse gradients are not supported")
+            if group["kind"] == "muon":
+                for p in params:
                     self._muon_update(p, group)
-                else:
-                    self._adamw_update(p, group)
+            elif params:
+                self._adamw_update(params, group)
         return loss
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
@@ -146,28 +147,21 @@ class Muon(torch.optim.Optimizer):
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(ortho, alpha=-lr * scale)
 
-    def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
-        # The same operations, in the same order, as torch.optim.AdamW's single-tensor path, so the
-        # two agree bit for bit on CPU.
-        state = self.state[p]
-        grad = p.grad
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _adamw_update(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's own AdamW kernels (foreach on CUDA, the single-tensor path on CPU, as
+        torch.optim.AdamW picks them), with torch's state layout: bit-exact with torch.optim.AdamW."""
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        state["step"] += 1
-        step = state["step"].item()
-        p.mul_(1 - lr * group["weight_decay"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-        p.addcdiv_(exp_avg, denom, value=-step_size)
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], foreach=None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def uses_muon(name: str, p: torch.Tensor) -> bool:
@@ -205,13 +199,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                 betas=betas, eps=cfg.eps)
 
 
+def grad_norm_tensor(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global gradient norm as a 0-d tensor (no host sync); reduced over ranks under FSDP2."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(total, "full_tensor"):  # DTensor under FSDP2
+        total = total.full_tensor()
+    return total
+
+
+def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients so their global norm is at most `max_norm` (0 disables), given that norm."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total_norm)
+
+
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     """Clip the global gradient norm to max_norm (0 disables clipping) and return the norm before."""
     params = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:  # measure only: never rescale, not even by 1.0 (an inf norm would turn grads into NaN)
-        total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(total, "full_tensor"):  # DTensor under FSDP2: the norm is already reduced
-        total = total.full_tensor()
+    total = grad_norm_tensor(params)
+    clip_grads_(params, max_norm, total)
     return float(total)

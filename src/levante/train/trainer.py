@@ -1,8 +1,10 @@
 """The training loop: one process on CPU or GPU; parallelism and compile are applied from outside the model.
 
-Per optimizer step: `grad_accum` micro-batches forward/backward, clip, optimizer step, then the
-aux-loss-free router-bias update from the expert loads of the whole step. Checkpoints capture
-weights, optimizer, data position and RNG states, so `resume=True` continues bit for bit.
+Per optimizer step: `grad_accum` micro-batches forward/backward, clip, the spike guard's verdict,
+optimizer step, then the aux-loss-free router-bias update from the expert loads of the whole step.
+Checkpoints capture weights, optimizer, data position, RNG states and the guard's window, so
+`resume=True` continues bit for bit. A directory that holds a run is never restarted over unless
+`overwrite=True`.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from levante.checkpoint import claim_run_dir, load_latest, save_checkpoint
 from levante.config import TrainConfig
 from levante.data.loader import TokenLoader, language_eval_windows
 from levante.data.shards import open_shards
 from levante.errors import LevanteError
 from levante.evaluation import evaluate_languages, summarize
-from levante.model.moe import expert_load_stats, update_router_bias
 from levante.model.transformer import Transformer
 from levante.plan import GPUS
 from levante.tokenizer import LevanteTokenizer
-from levante.train.checkpoint import load_latest, save_checkpoint
+from levante.train.balancing import RouterBalancer
+from levante.train.guard import SpikeGuard
 from levante.train.metrics import MetricsWriter, measure_cpu_matmul_peak, mfu, model_flops_per_token
-from levante.train.optim import build_optimizer, clip_grad_norm
+from levante.train.optim import build_optimizer, clip_grads_, grad_norm_tensor
 from levante.train.schedule import apply_lr, lr_multiplier
-from levante.util import atomic_write_text
+from levante.util import atomic_write_text, resolve_device
 
 log = logging.getLogger("levante")
 
@@ -45,14 +48,6 @@ class TrainResult:
     final_loss: float
     eval: dict = field(default_factory=dict)
     checkpoint: Path | None = None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LevanteError("run.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -73,7 +68,7 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.on_log = on_log or (lambda record: None)
-        self.device = pick_device(cfg.run.device)
+        self.device = resolve_device(cfg.run.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -93,6 +88,9 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.balancer = RouterBalancer(self.model, cfg.model.bias_update_speed)
+        self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
+                                enabled=cfg.run.skip_spikes)
         self.loader = TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed)
         # Periodic evals score whole held-out documents, up to eval_batches batches per language.
         self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len,
@@ -107,7 +105,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict()}
+        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+                "guard": self.guard.state_dict()}
 
     def save(self) -> Path:
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
@@ -121,13 +120,16 @@ class Trainer:
         path, state = found
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.loader.load_state_dict(state["loader"])
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
     # ---------------------------------------------------------------- loop
 
     def train_step(self, per_language: bool = False) -> dict:
-        """One optimizer step. With `per_language`, also the last micro-batch's loss per language."""
+        """One optimizer step (or a skipped one: `record["skipped"]`). With `per_language`, also the
+        last micro-batch's loss per language and the step's expert-load statistics."""
         cfg = self.cfg
         model = self.model
         model.train()
@@ -141,6 +143,7 @@ class Trainer:
             with self.autocast:
                 out = self.forward(inputs, targets=targets)
             (out.loss / cfg.run.grad_accum).backward()
+            self.balancer.observe(out.expert_load)
             for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
                 value = getattr(out, key)
                 if value is not None:
@@ -149,19 +152,33 @@ class Trainer:
             if per_language and micro == cfg.run.grad_accum - 1:
                 lang_loss = self._loss_per_language(out.logits, targets)
             del out  # free this micro-batch's logits before the next forward
-        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
-                               "(lower the learning rate)")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        record = {key: float(value) for key, value in sums.items()}
+        norm = grad_norm_tensor(model.parameters())
+        keys = list(sums)
+        values = torch.stack([*(sums[k].float() for k in keys), norm.float()]).tolist()  # the one sync
+        record = dict(zip(keys, values[:-1], strict=True))
+        grad_norm = values[-1]
         record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"])
-        if per_language:  # the load statistics cost host syncs: only on log steps
-            record.update(expert_load_stats(model))
+        if per_language:
+            record.update(self.balancer.stats())
             record["loss_per_language"] = lang_loss
-        update_router_bias(model, cfg.model.bias_update_speed)
+        if not self.guard.enabled and not math.isfinite(grad_norm):
+            raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
+                               "(lower the learning rate, or enable run.skip_spikes)")
+        reason = self.guard.reason_to_skip(record["loss"], grad_norm)
         self.step += 1
+        if reason is None:
+            self.guard.accept(record["loss"], grad_norm)
+            clip_grads_(model.parameters(), cfg.optim.grad_clip, norm)
+            self.optimizer.step()
+            self.balancer.step()
+        else:
+            log.warning("skipping step %d: %s", self.step, reason)
+            self.guard.skip()
+            self.balancer.discard()
+        self.optimizer.zero_grad(set_to_none=True)
+        record.update(skipped=reason is not None, skipped_steps=self.guard.skipped)
+        if reason is not None:
+            record["skip_reason"] = reason
         return record
 
     @torch.no_grad()
@@ -183,8 +200,9 @@ class Trainer:
                                           device=self.device)
         return {"per_language": per_lang, **summarize(per_lang)}
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         cfg = self.cfg
+        claim_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.toml", cfg.dumps())
         if resume:
@@ -202,7 +220,7 @@ class Trainer:
                 now = time.perf_counter()
                 window_time += now - t0
                 window_tokens += self.tokens - tokens0
-                if log_now:
+                if log_now or record["skipped"]:  # every skipped step is in metrics.jsonl
                     tps = window_tokens / max(window_time, 1e-9)
                     done = self.step - start_step
                     eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
@@ -211,6 +229,8 @@ class Trainer:
                     metrics.write(record)
                     self.on_log(record)
                     window_time, window_tokens = 0.0, 0
+                if record["skipped"]:
+                    self.guard.check_not_stuck(self.step, record["skip_reason"])
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
                     eval_result = self.evaluate()
                     if eval_result:

@@ -1,26 +1,14 @@
-"""`levante plan NAME`: the planner on the command line (registered by the main CLI)."""
+"""`levante plan NAME`: the planner on the command line."""
 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import typer
 
-from levante.config import ConfigError, ModelConfig
+from levante.config import ModelConfig
 from levante.errors import LevanteError
-from levante.plan import format_plan, plan
-
-
-def _read_model_table(file: Path) -> ModelConfig:
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: not valid TOML ({e})") from None
-    if not isinstance(data.get("model"), dict):
-        raise ConfigError(f"{file}: no [model] table")
-    return ModelConfig.from_dict(data["model"])
 
 
 def resolve_model(name: str) -> ModelConfig:
@@ -29,9 +17,9 @@ def resolve_model(name: str) -> ModelConfig:
     if path.is_dir():
         if not (path / "config.toml").is_file():
             raise LevanteError(f"{path}: directory has no config.toml (expected a Levante checkpoint)")
-        return _read_model_table(path / "config.toml")
+        return ModelConfig.from_toml(path / "config.toml")
     if path.is_file():
-        return _read_model_table(path)
+        return ModelConfig.from_toml(path)
     if path.suffix == ".toml" or "/" in name or "\\" in name:  # clearly meant as a path
         raise LevanteError(f"config not found: {name}")
     return ModelConfig.preset(name)  # unknown names raise ConfigError listing the presets
@@ -47,6 +35,8 @@ def plan_command(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Parameters, FLOPs, GPU-hours, memory per GPU and KV cache for a model."""
+    from levante.plan import plan
+
     cfg = resolve_model(name)
     result = plan(cfg, seq_len=seq_len, tokens=tokens, gpus=gpus, gpu=gpu, mfu=mfu)
     if json_out:
@@ -54,4 +44,10 @@ def plan_command(
         return
     from rich.console import Console
 
+    from levante.plan.render import format_plan
+
     Console().print(format_plan(result, title=f"Levante plan: {name}"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", help="Parameters, FLOPs, memory and GPU-hours for a preset or config.")(plan_command)

@@ -34,18 +34,7 @@ import math
 
 from levante.config import ModelConfig
 from levante.errors import LevanteError
-
-# Dense bf16 tensor-core peaks (no 2:4 sparsity) and memory, from the vendors' datasheets:
-#   H100 SXM5  989.4 TFLOP/s, 80 GB HBM3   — NVIDIA H100 Tensor Core GPU datasheet (1979 "with sparsity")
-#   H200 SXM   989.4 TFLOP/s, 141 GB HBM3e — NVIDIA H200 datasheet (same compute die as H100)
-#   A100 SXM   312 TFLOP/s, 80 GB HBM2e    — NVIDIA A100 datasheet (624 "with sparsity")
-#   MI300X     1307.4 TFLOP/s, 192 GB HBM3 — AMD Instinct MI300X datasheet (2614.9 with sparsity)
-GPUS: dict[str, dict] = {
-    "h100": {"name": "H100 SXM", "peak_flops": 989.4e12, "memory_bytes": 80e9},
-    "h200": {"name": "H200 SXM", "peak_flops": 989.4e12, "memory_bytes": 141e9},
-    "a100": {"name": "A100 SXM 80GB", "peak_flops": 312e12, "memory_bytes": 80e9},
-    "mi300x": {"name": "MI300X", "peak_flops": 1307.4e12, "memory_bytes": 192e9},
-}
+from levante.plan.hardware import GPUS
 
 # Share of a card's memory we let the plan use: CUDA context, NCCL buffers and allocator
 # fragmentation take the rest. A rule of thumb, not a measurement.
@@ -347,70 +336,3 @@ def plan(cfg: ModelConfig, *, seq_len: int = 4096, tokens: float | None = None, 
             f"cards usable to {USABLE_MEMORY:.0%}; activations +-30%",
         ],
     }
-
-
-# ------------------------------------------------------------------------------------------ format
-
-
-def _n(x: float) -> str:
-    """3 significant figures with a unit suffix: the estimates carry no more precision than that."""
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _gb(b: float) -> str:
-    return f"{b / 1e9:.3g} GB"
-
-
-def format_plan(p: dict, title: str = "Levante plan"):
-    """A rich renderable (tables) for a `plan()` dict."""
-    from rich.console import Group
-    from rich.table import Table
-
-    params = Table(title=title, show_header=True)
-    params.add_column("parameters")
-    params.add_column("total", justify="right")
-    params.add_column("active / token", justify="right")
-    for k, v in p["breakdown"]["total"].items():
-        if k != "mtp_proj" and (v or k == "head"):
-            params.add_row(k, f"{v:,}", f"{p['breakdown']['active'][k]:,}")
-    params.add_row("[b]main model[/b]", f"[b]{p['total_params']:,}[/b] ({_n(p['total_params'])})",
-                   f"[b]{p['active_params']:,}[/b] ({_n(p['active_params'])})")
-    if p["mtp_params"]:
-        params.add_row("MTP modules (separate)", f"{p['mtp_params']:,} ({_n(p['mtp_params'])})", "")
-
-    c = Table(title="compute and memory", show_header=False)
-    c.add_column("what")
-    c.add_column("value")
-    f = p["flops"]
-    c.add_row("train FLOPs / token", f"{_n(p['flops_per_token'])} (matmul {_n(f['matmul'])} + "
-              f"attention {_n(f['attention'])} at seq {p['seq_len']})")
-    c.add_row("tokens", f"{_n(p['tokens'])} ({p['tokens_note']})")
-    c.add_row("train FLOPs", f"{p['train_flops']:.3g}")
-    for k, hours in p["gpu_hours"].items():
-        c.add_row(f"{GPUS[k]['name']} GPU-hours @ MFU {p['mfu']:g}", _n(hours))
-    kv = p["kv_cache"]
-    c.add_row("KV cache / token (MLA latent)", f"{kv['mla_bytes_per_token'] / 1024:.3g} KiB")
-    c.add_row("KV cache / token (if full MHA)", f"{kv['mha_bytes_per_token'] / 1024:.3g} KiB "
-              f"({kv['mha_over_mla']:.3g}x more)")
-    for card, n in p["min_gpus"].items():
-        c.add_row(f"min GPUs, {card} cards (AdamW)", "none up to 131072" if n is None else str(n))
-    m = p["memory"]
-    if m is None:
-        c.add_row("memory per GPU", "does not fit on any sensible count")
-    else:
-        c.add_row("GPUs / expert parallel", f"{p['gpus']} ({p['gpus_note']}) / EP {m['expert_parallel']}")
-        c.add_row(f"model state / GPU ({m['zero_stage']})",
-                  f"AdamW {_gb(m['state_bytes']['adamw'])}, Muon {_gb(m['state_bytes']['muon'])}")
-        c.add_row("gathered weights (FSDP)", _gb(m["gathered_bytes"]))
-        a = m["activation_bytes"]
-        c.add_row("activations / micro-batch", f"{_gb(a['full_recompute'])} recomputed, "
-                  f"{_gb(a['no_recompute'])} without")
-        t = m["total_bytes"]
-        c.add_row("total / GPU", f"AdamW {_gb(t['adamw'])}, Muon {_gb(t['muon'])} "
-                  f"({'fits' if m['fits'] else 'does NOT fit'} {GPUS[p['gpu']]['name']})")
-        c.add_row("wall clock", f"{p['wall_clock_days']:.3g} days on {p['gpus']} x {GPUS[p['gpu']]['name']}")
-    notes = "\n".join(f"[dim]- {a}[/dim]" for a in p["assumptions"])
-    return Group(params, c, notes)

@@ -1,6 +1,6 @@
-"""Atomic, verifiable, exactly-resumable single-process checkpoints (safetensors + JSON, no pickle).
+"""Atomic, verifiable, exactly-resumable checkpoints of one process (safetensors + JSON, no pickle).
 
-Layout: `<run>/checkpoints/step_<NNNNNNNN>/` holding
+`<run>/checkpoints/step_<NNNNNNNN>/` (see layout.py) holds
   model.safetensors      model.state_dict() (persistent buffers included), contiguous CPU tensors
   optimizer.safetensors  per-parameter state, keys `state.<param name>.<state key>`
   optimizer.json         optimizer class, param groups (hyper-parameters + parameter names), state index
@@ -14,8 +14,7 @@ parameter name, so it survives a change in parameter registration order. On load
 (lr, betas, ...) come from the optimizer passed in, i.e. from the current config; only the
 per-parameter state is restored.
 
-Single writer: one process (rank 0) saves into a run directory at a time. Sharded (FSDP2/DTensor)
-state is out of scope here and goes through torch.distributed.checkpoint.
+Single writer: one process (rank 0) saves into a run directory at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,62 +34,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from levante.checkpoint.layout import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    OPTIM_JSON,
+    OPTIM_TENSORS,
+    TMP_MARK,
+    TOKENIZER_FILE,
+    TRAINER_JSON,
+    checkpoints_root,
+    clean_tmp,
+    list_step_dirs,
+    remove_dir,
+    step_dir_name,
+    step_of,
+)
+from levante.checkpoint.verify import FORMAT_VERSION, newest_valid, write_checksums
 from levante.errors import LevanteError
-from levante.util import file_sha256, fsync_dir, fsync_file, write_durable
+from levante.util import fsync_dir, fsync_file, write_durable
 
 log = logging.getLogger("levante")
-
-FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-OPTIM_TENSORS = "optimizer.safetensors"
-OPTIM_JSON = "optimizer.json"
-TRAINER_JSON = "trainer.json"
-CHECKSUMS = "checksums.json"
-TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "config.toml"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_MARK = ".tmp-"  # any directory whose name contains this is an unfinished write or a deletion
-
-
-# ------------------------------------------------------------------------------------------ files
-
-
-def checkpoints_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _step_of(path: Path) -> int:
-    return int(_STEP_DIR.match(path.name).group(1))
-
-
-def _list(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
-    return sorted(found, key=_step_of, reverse=True)
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoint directories of a run, newest (highest step) first."""
-    return _list(checkpoints_root(run_dir))
-
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a directory; rename it to a tmp name first so a crash mid-delete leaves no step_X."""
-    doomed = path.with_name(f"{path.name}{_TMP_MARK}del-{os.getpid()}")
-    try:
-        path.rename(doomed)
-    except OSError:
-        doomed = path
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _clean_tmp(root: Path) -> None:
-    if root.is_dir():
-        for p in root.iterdir():
-            if _TMP_MARK in p.name and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------- tensors
@@ -231,9 +193,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
 
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _clean_tmp(root)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"{final.name}{_TMP_MARK}{os.getpid()}"
+    clean_tmp(root)
+    final = root / step_dir_name(step)
+    tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
     tmp.mkdir()
     try:
         save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -256,7 +218,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         write_checksums(tmp, written)
         fsync_dir(tmp, strict=True)
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
-            _remove_dir(final)
+            remove_dir(final)
         os.rename(tmp, final)
         fsync_dir(root, strict=True)
     except BaseException:
@@ -267,64 +229,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
-    newest = _step_of(keep)
+    newest = step_of(keep)
     older = []
-    for path in _list(root):
+    for path in list_step_dirs(root):
         if path == keep:
             continue
-        if _step_of(path) > newest:
+        if step_of(path) > newest:
             log.warning("deleting stale checkpoint %s: newer than the one just written (%s)", path, keep.name)
-            _remove_dir(path)
+            remove_dir(path)
         else:
             older.append(path)
     for path in older[keep_last - 1:]:
-        _remove_dir(path)
+        remove_dir(path)
     fsync_dir(root, strict=True)
-
-
-# ---------------------------------------------------------------------------------------- verify
-
-
-def write_checksums(directory: Path, names: list[str] | None = None) -> None:
-    """checksums.json: sha256 and size of `names` (default: every other file in `directory`)."""
-    if names is None:
-        names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != CHECKSUMS)
-    files = {name: {"sha256": file_sha256(directory / name), "size": (directory / name).stat().st_size}
-             for name in names}
-    write_durable(directory / CHECKSUMS, json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
-
-
-def verify_checkpoint(path: str | Path, required: tuple[str, ...] = (MODEL_FILE, TRAINER_JSON),
-                      hash_only: set[str] | None = None) -> tuple[bool, str]:
-    """(True, "ok") if every file listed in checksums.json is present with its size and sha256.
-
-    `required` files must be listed. With `hash_only`, other files are checked by size alone (an
-    inference load need not hash an optimizer state twice the model's size).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return False, "not a directory"
-    if not (path / CHECKSUMS).is_file():
-        return False, f"{CHECKSUMS} missing (incomplete write)"
-    try:
-        files = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["files"]
-        for name in required:
-            if name not in files:
-                return False, f"{name} not listed in {CHECKSUMS}"
-        if (OPTIM_JSON in files) != (OPTIM_TENSORS in files):
-            return False, f"{OPTIM_JSON} and {OPTIM_TENSORS} must both be present or both absent"
-        for name, info in files.items():
-            file = path / name
-            if Path(name).name != name or not file.is_file():
-                return False, f"{name} missing"
-            size = file.stat().st_size
-            if size != info["size"]:
-                return False, f"{name} is {size} bytes, expected {info['size']} (truncated?)"
-            if (hash_only is None or name in hash_only) and file_sha256(file) != info["sha256"]:
-                return False, f"{name} sha256 mismatch (corrupted)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return False, f"unreadable checksums ({type(e).__name__}: {e})"
-    return True, "ok"
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -410,20 +327,14 @@ def load_latest(run_dir: str | Path, model: nn.Module,
                 optimizer: torch.optim.Optimizer | None) -> tuple[Path, dict] | None:
     """Restore the newest valid checkpoint into model (+ optimizer, RNGs); (path, trainer_state).
 
-    Checkpoints failing verification are skipped with a warning; None if the run has none at all;
-    LevanteError if there are some but none is valid, or if a valid one does not fit the model.
-    The returned trainer_state is the dict given to save_checkpoint plus "step".
+    Discovery and trust follow verify.py's rule; None if the run has no checkpoint at all. The
+    returned trainer_state is the dict given to save_checkpoint plus "step".
     """
     root = checkpoints_root(run_dir)
-    _clean_tmp(root)
-    candidates = _list(root)
-    if not candidates:
+    clean_tmp(root)
+    path = newest_valid(root, required=(MODEL_FILE, TRAINER_JSON))
+    if path is None:
         return None
-    reasons = []
-    for path in candidates:
-        ok, reason = verify_checkpoint(path)
-        if ok:
-            return path, _restore(path, model, optimizer)
-        log.warning("skipping checkpoint %s: %s", path, reason)
-        reasons.append(f"{path.name}: {reason}")
-    raise LevanteError(f"no valid checkpoint in {root} ({len(candidates)} corrupt; newest {reasons[0]})")
+    if (path / OPTIM_JSON).is_file() != (path / OPTIM_TENSORS).is_file():
+        raise LevanteError(f"{path}: {OPTIM_JSON} and {OPTIM_TENSORS} must both be present or both absent")
+    return path, _restore(path, model, optimizer)

@@ -1,0 +1,41 @@
+"""Training verbs: `levante train`, `levante quickstart`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from levante.cli.common import console
+
+
+def train(
+    config: Path = typer.Argument(..., help="Training config (TOML): [model] [data] [optim] [schedule] [run]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, config."),
+    resume: bool = typer.Option(False, help="Continue from the newest valid checkpoint in --out."),
+    overwrite: bool = typer.Option(False, help="Replace the run that --out holds (its checkpoints and metrics)."),
+):
+    """Train a model; checkpoints are resumable bit for bit."""
+    from levante.config import TrainConfig
+    from levante.progress import train_with_progress
+
+    cfg = TrainConfig.load(config)
+    result = train_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=console)
+    console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, checkpoint {result.checkpoint}")
+
+
+def quickstart(
+    out: Path = typer.Option(Path("quickstart"), "--out", "-o", help="Output directory."),
+    minutes: float = typer.Option(4.0, help="Training time budget in minutes (the whole job adds ~1 min)."),
+    steps: int = typer.Option(0, help="Exact number of training steps (overrides --minutes)."),
+    overwrite: bool = typer.Option(False, help="Replace a previous quickstart in --out."),
+):
+    """The whole flow on the bundled corpus: tokenizer, shards, train `tiny`, eval, samples, report."""
+    from levante.quickstart import run_quickstart
+
+    run_quickstart(out, minutes=minutes, steps=steps or None, overwrite=overwrite, console=console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command()(quickstart)
