@@ -91,6 +91,16 @@ def _foreign_shards_config(tmp: Path, ws) -> Path:
     return ws.write_config(tmp / "cfg.toml", data={"tokenizer": str(other.path)})
 
 
+def _previous_quickstart(tmp: Path) -> Path:
+    from levante.quickstart import MARKER
+
+    d = tmp / "qs"
+    d.mkdir()
+    _write(d / MARKER, "written by levante quickstart\n")
+    _write(d / "metrics.jsonl", '{"step": 1}\n')
+    return d
+
+
 # name -> (tmp, workspace) -> (argv, fragments the one-line error must contain)
 BAD_INPUT = {
     "train_missing_config": lambda t, ws: (["train", t / "nope.toml", "--out", t / "run"], ["nope.toml"]),
@@ -128,6 +138,21 @@ BAD_INPUT = {
     "export_hf_not_a_checkpoint": lambda t, ws: (
         ["export", "hf", _not_a_checkpoint(t), t / "exported"], ["notackpt"]),
     "export_hf_missing_checkpoint": lambda t, ws: (["export", "hf", t / "nockpt", t / "exported"], ["nockpt"]),
+    "train_seq_len_over_max_positions": lambda t, ws: (
+        ["train", ws.write_config(t / "c.toml", data={"seq_len": 128}), "--out", t / "run"],
+        ["data.seq_len (128)", "max_position_embeddings (64)"]),
+    "train_resume_and_overwrite": lambda t, ws: (
+        ["train", ws.write_config(t / "c.toml"), "--out", t / "run", "--resume", "--overwrite"], ["--resume"]),
+    "tokenizer_train_over_an_existing_tokenizer": lambda t, ws: (
+        ["tokenizer", "train", ws.corpus_train, "--out", ws.tokenizer.parent, "--vocab-size", "400"],
+        ["tokenizer.json exists", "--overwrite"]),
+    "quickstart_over_a_previous_quickstart": lambda t, ws: (
+        ["quickstart", "--out", _previous_quickstart(t), "--steps", "1"], ["previous quickstart", "--overwrite"]),
+    "generate_on_absent_cuda": lambda t, ws: (
+        ["generate", _not_a_checkpoint(t), "-p", "Hi", "--device", "cuda:0"] if not torch.cuda.is_available()
+        else ["generate", t / "nockpt", "-p", "Hi"], ["cuda" if not torch.cuda.is_available() else "nockpt"]),
+    "eval_unknown_device": lambda t, ws: (
+        ["eval", t / "nockpt", "--data", ws.valid_shards, "--device", "tpu"], ["'tpu'"]),
     "plan_unknown_preset": lambda t, ws: (["plan", "nosuchpreset"], ["nosuchpreset", "tiny"]),
     # The reason is printed literally: brackets in a message are text, not console markup.
     "plan_toml_without_model_table": lambda t, ws: (["plan", _write(t / "m.toml", "x = 1\n")], ["[model]"]),

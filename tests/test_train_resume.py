@@ -81,11 +81,13 @@ def wait_then_kill(proc, target: Path, timeout: float = 240.0) -> None:
 
 @pytest.fixture(scope="module")
 def resume_config(tiny_workspace, tmp_path_factory) -> Path:
-    # MTP on and eval every 4 steps: both go through checkpoints and the metrics log.
+    # MTP on, 2 micro-batches per step, eval every 4 steps and a spike guard whose window fills at
+    # step 4: all of them go through checkpoints and the metrics log.
     return tiny_workspace.write_config(
         tmp_path_factory.mktemp("resume_cfg") / "cfg.toml",
         model={"num_nextn_predict_layers": 1},
-        run={"steps": STEPS, "ckpt_every": CKPT_EVERY, "keep_last": 2, "log_every": 1, "eval_every": 4})
+        run={"steps": STEPS, "ckpt_every": CKPT_EVERY, "keep_last": 2, "log_every": 1, "eval_every": 4,
+             "grad_accum": 2, "spike_window": 4})
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +131,16 @@ def test_resume_after_sigkill_is_bit_exact(resume_config, reference_run, run_lev
     assert opt_a == opt_b
     trainer_a, trainer_b = (json.loads((d / "trainer.json").read_text()) for d in (fa, fb))
     rng_a, rng_b = trainer_a.pop("rng"), trainer_b.pop("rng")
-    assert trainer_a == trainer_b  # step, tokens, data loader position
+    assert trainer_a == trainer_b  # step, tokens, data loader position, the guard's window
+    assert len(trainer_a["guard"]["losses"]) == 4
 
     train_a, eval_a, order_a = read_metrics(a)
     train_b, eval_b, order_b = read_metrics(b)
     assert order_a == list(range(1, STEPS + 1))
     assert order_b == list(range(1, STEPS + 1)), f"each step exactly once, in order (kill at {target})"
     for step in order_a:
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens", "load_max_over_mean"):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens", "load_max_over_mean",
+                    "skipped_steps"):
             assert train_b[step][key] == train_a[step][key], f"step {step} {key}: B {train_b[step][key]!r} " \
                                                              f"!= A {train_a[step][key]!r} (kill at {target})"
     assert sorted(eval_a) == [4, 8, STEPS]
@@ -199,3 +203,24 @@ def test_resume_with_every_checkpoint_corrupt_fails_cleanly(reference_run, resum
     assert not re.search(r"^step \d+ \|", result.stdout, flags=re.M), "trained from scratch instead of failing"
     assert (run / "metrics.jsonl").read_bytes() == metrics_before, "a failed resume rewrote the metrics log"
     assert checkpoint_steps(run) == [STEPS - CKPT_EVERY, STEPS], "a failed resume deleted checkpoints"
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_never_restarted_over(reference_run, resume_config, run_levante, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = tree_bytes(run)
+    result = run_levante("train", resume_config, "--out", run)
+    assert result.returncode == 2
+    line = assert_one_error_line(result.stderr)
+    assert f"holds a run at step {STEPS}; use --resume to continue or --overwrite to replace it" in line
+    assert tree_bytes(run) == before, "a refused run changed the directory"
+
+    result = run_levante("train", resume_config, "--out", run, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    _, _, order = read_metrics(run)
+    assert order == list(range(1, STEPS + 1)), "--overwrite must start a fresh log, not append to the old one"
+    assert checkpoint_steps(run) == [STEPS - CKPT_EVERY, STEPS]

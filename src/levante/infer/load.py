@@ -13,10 +13,11 @@ from levante.util import resolve_device
 
 def load_for_inference(path: str | Path, device: str = "auto"):
     """(model, tokenizer, checkpoint dir) from a checkpoint dir, run dir or HF DeepseekV3 dir."""
+    device = resolve_device(device)  # a bad --device is reported before any loading
     ckpt = resolve_checkpoint(path)
     tokenizer_file = ckpt.path / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise LevanteError(f"{ckpt.path} has no tokenizer.json: cannot turn text into tokens")
     tokenizer = LevanteTokenizer(tokenizer_file)
-    model = from_pretrained(ckpt.path, device=resolve_device(device))
+    model = from_pretrained(ckpt.path, device=device)
     return model, tokenizer, ckpt.path

@@ -27,12 +27,25 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-@torch.compiler.disable  # data-dependent group sizes; the fake kernel also wants bf16: stay eager here
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ weight[e].T, rows sorted by expert.
 
-    `weight` is [E, out, in]; `counts` holds the number of rows of each expert.
+    `weight` is [E, out, in]; `counts` holds the number of rows of each expert. Under torch.compile
+    this runs eagerly (data-dependent group sizes; the fake kernel also wants bf16).
     """
+    if torch.compiler.is_compiling():
+        return _eager_grouped_linear()(x, weight, counts)
+    return _grouped_linear(x, weight, counts)
+
+
+@functools.cache
+def _eager_grouped_linear():
+    # Made on first use under compile: torch.compiler.disable imports torch._dynamo, which plain
+    # `import levante.model` should not pay for.
+    return torch.compiler.disable(_grouped_linear)
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
         fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
         offs = counts.cumsum(0).to(torch.int32)
