@@ -116,7 +116,7 @@ class Transformer(nn.Module):
 
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss = lm_loss
-        mtp_loss = self._mtp_loss(h, targets, cos, sin, aux_losses, loads) if len(self.mtp) else None
+        mtp_loss = self._mtp_loss(h, input_ids, targets, cos, sin, aux_losses, loads) if len(self.mtp) else None
         if mtp_loss is not None:
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
@@ -125,7 +125,8 @@ class Transformer(nn.Module):
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss,
                            expert_load=_stack(loads))
 
-    def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor, cos, sin, aux_losses: list, loads: list):
+    def _mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos, sin,
+                  aux_losses: list, loads: list):
         """Mean over depths k of CE(predict token i+k+1 from position i); the sequence shrinks by k."""
         t = targets.shape[1]
         losses = []
@@ -133,7 +134,9 @@ class Transformer(nn.Module):
             n = t - k
             if n <= 0:
                 break
-            next_tokens = targets[:, k - 1 : k - 1 + n].clamp_min(0)  # token i+k (ignored slots: any id)
+            # Token i+k from the inputs, not the targets: it is a real token even where its own
+            # target is ignored (an SFT prompt), and the prediction of token i+k+1 depends on it.
+            next_tokens = input_ids[:, k : k + n]
             h, aux, load = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
             _collect(aux, aux_losses)
             _collect(load, loads)
