@@ -114,7 +114,10 @@ class MoE(nn.Module):
         return out.view(b, t, d), aux, counts.detach().float()
 
     def _sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences."""
+        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
+
+        f_i counts the routed top-k (bias-corrected, group-limited: the load experts really get), as DeepSeek's
+        HF MoEGate feeds its routed topk_idx to seq_aux (eq. 18 writes a plain Topk(s), without the bias)."""
         b, t, e = scores.shape
         probs = scores / scores.sum(-1, keepdim=True)
         p = probs.mean(1)  # [B, E]
