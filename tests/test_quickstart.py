@@ -37,11 +37,24 @@ def test_quickstart_training_lowers_held_out_bpb_in_every_language(quickstart_di
         assert r["bpb"] < before["per_language"][lang]["bpb"], lang
 
 
-def test_quickstart_samples_start_with_their_prompts(quickstart_dir):
+def test_quickstart_samples_continue_their_prompts(quickstart_dir):
+    """Each sample is a header `[lang] prompt`, then the prompt and what the model wrote after it."""
+    from levante.quickstart import PROMPTS
+
     out, _ = quickstart_dir
     text = (out / "samples.txt").read_text(encoding="utf-8")
-    for prompt in ("The old library", "Am Morgen", "Le marché", "Η θάλασσα"):
-        assert prompt in text
+    headers = [f"[{lang}] {prompt}\n" for lang, prompt in PROMPTS]
+    starts = [text.index(h) for h in headers]
+    assert starts == sorted(starts)
+    continuations = []
+    for (_, prompt), header, start, end in zip(PROMPTS, headers, starts, starts[1:] + [len(text)], strict=True):
+        body = text[start + len(header):end].removesuffix("\n\n")
+        assert body.startswith(prompt), body[:80]
+        new = body[len(prompt):]
+        assert new.strip(), f"no generated text after {prompt!r}"
+        continuations.append(new)
+    # Sampled with different seeds after different prompts: the model's outputs differ.
+    assert len(set(continuations)) == len(PROMPTS)
 
 
 def test_quickstart_refuses_a_foreign_non_empty_directory(tmp_path):
