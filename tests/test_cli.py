@@ -245,9 +245,9 @@ def test_cli_generate_greedy_is_deterministic(cli_run, run_levante):
     assert first.stdout == second.stdout
     # What it printed after the prompt is the library's greedy continuation on the same checkpoint.
     from levante.infer.engine import SamplingParams, generate_ids
-    from levante.pipeline import load_for_inference
+    from levante.infer.load import load_for_inference
 
-    model, tok, _ = load_for_inference(cli_run / "run")
+    model, tok, _ = load_for_inference(cli_run / "run", device="cpu")
     new = list(generate_ids(model, tok.encode_prompt("The old library"), SamplingParams(5, temperature=0),
                             eos_id=tok.eos_id))
     assert new, "greedy decoding stopped at once: nothing to compare"

@@ -18,14 +18,12 @@ first layer, shared experts, q_lora on and off, MTP on and off:
   v_head_dim (padding is not model work), so the padded columns are taken off the kernel's count.
 """
 
-import importlib
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from levante import ModelConfig, Transformer
-from levante.model import moe as moe_mod
+from levante.model import kernels
 from levante.model.moe import Router
 from levante.plan import flops_per_token
 from levante.train.metrics import model_flops_per_token
@@ -67,7 +65,6 @@ CASES = {
 
 def measured(cfg: ModelConfig, monkeypatch) -> dict:
     """FLOPs of one forward + backward of B x T tokens, by op, plus the router's choices."""
-    kernels = importlib.import_module(moe_mod.grouped_linear.__module__)
     monkeypatch.setattr(kernels, "_grouped_mm_works", lambda *a: False)
     torch.manual_seed(0)
     model = Transformer(cfg).train()
