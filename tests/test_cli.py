@@ -91,6 +91,18 @@ def _foreign_shards_config(tmp: Path, ws) -> Path:
     return ws.write_config(tmp / "cfg.toml", data={"tokenizer": str(other.path)})
 
 
+def _untrained_run(tmp: Path, ws) -> Path:
+    """A run directory holding one checkpoint of the untrained tiny model (no training needed)."""
+    import levante
+    from levante.checkpoint import save_checkpoint
+    from levante.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(ws.config_dict())
+    save_checkpoint(tmp / "run", 0, levante.Transformer(cfg.model), None, {}, keep_last=1,
+                    tokenizer_path=ws.tokenizer, config_text=cfg.dumps())
+    return tmp / "run"
+
+
 def _previous_quickstart(tmp: Path) -> Path:
     from levante.quickstart import MARKER
 
@@ -149,10 +161,10 @@ BAD_INPUT = {
     "quickstart_over_a_previous_quickstart": lambda t, ws: (
         ["quickstart", "--out", _previous_quickstart(t), "--steps", "1"], ["previous quickstart", "--overwrite"]),
     "generate_on_absent_cuda": lambda t, ws: (
-        ["generate", _not_a_checkpoint(t), "-p", "Hi", "--device", "cuda:0"] if not torch.cuda.is_available()
+        ["generate", _untrained_run(t, ws), "-p", "Hi", "--device", "cuda:0"] if not torch.cuda.is_available()
         else ["generate", t / "nockpt", "-p", "Hi"], ["cuda" if not torch.cuda.is_available() else "nockpt"]),
     "eval_unknown_device": lambda t, ws: (
-        ["eval", t / "nockpt", "--data", ws.valid_shards, "--device", "tpu"], ["'tpu'"]),
+        ["eval", _untrained_run(t, ws), "--data", ws.valid_shards, "--device", "tpu"], ["'tpu'"]),
     "plan_unknown_preset": lambda t, ws: (["plan", "nosuchpreset"], ["nosuchpreset", "tiny"]),
     # The reason is printed literally: brackets in a message are text, not console markup.
     "plan_toml_without_model_table": lambda t, ws: (["plan", _write(t / "m.toml", "x = 1\n")], ["[model]"]),

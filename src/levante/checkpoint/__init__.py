@@ -12,8 +12,17 @@ from levante.checkpoint.layout import (
     refuse_non_empty,
     run_step,
 )
-from levante.checkpoint.state import load_latest, save_checkpoint
 from levante.checkpoint.verify import checksum_problem, newest_valid, write_checksums
+
+
+def __getattr__(name):
+    # The torch-heavy writer loads on first use: resolving a path (eval, generate, serve) stays instant.
+    if name in ("load_latest", "save_checkpoint"):
+        from levante.checkpoint import state
+
+        return getattr(state, name)
+    raise AttributeError(f"module 'levante.checkpoint' has no attribute {name!r}")
+
 
 __all__ = [
     "CHECKSUMS", "CONFIG_FILE", "MODEL_FILE", "TOKENIZER_FILE", "TRAINER_JSON", "checkpoints_root",

@@ -17,9 +17,10 @@ def train(
 ):
     """Train a model; checkpoints are resumable bit for bit."""
     from levante.config import TrainConfig
+
+    cfg = TrainConfig.load(config)  # before importing torch: a config mistake is reported at once
     from levante.progress import train_with_progress
 
-    cfg = TrainConfig.load(config)
     result = train_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=console)
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, checkpoint {result.checkpoint}")
 
