@@ -216,3 +216,18 @@ def test_sft_run_through_the_cli_resumes_bit_for_bit(tiny_workspace, base_run, r
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w0 = load_file(next((base_run / "checkpoints").iterdir()) / "model.safetensors")
     assert any(not torch.equal(w0[k], wa[k]) for k in wa)  # SFT did train
+
+
+def test_bundled_post_training_set_is_clean_and_multilingual(tok):
+    from levante.data.chat_data import bundled_post_corpus
+
+    for split in ("train", "valid"):
+        convs, report = read_conversations(bundled_post_corpus("chat", split), tok, seq_len=256)
+        assert report.rejected == {} and len({c.lang for c in convs}) >= 8
+        pairs, preport = read_pairs(bundled_post_corpus("prefs", split), tok, seq_len=256)
+        assert preport.rejected == {} and len({p.lang for p in pairs}) >= 8
+        assert all(p.chosen != p.rejected for p in pairs)
+    train = {json.dumps(json.loads(x)["messages"]) for x in bundled_post_corpus("chat", "train").open()}
+    valid = [json.dumps(json.loads(x)["messages"]) for x in bundled_post_corpus("chat", "valid").open()]
+    held_out = [v for v in valid if v not in train]
+    assert len(held_out) >= 0.7 * len(valid)  # greetings repeat by design; the rest is held out

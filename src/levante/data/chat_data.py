@@ -309,3 +309,8 @@ class PairLoader(EpochCycle):
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_batch([self.pairs[i] for i in self.next_indices()], self.pad_id)
+
+
+def bundled_post_corpus(kind: str, split: str) -> Path:
+    """The bundled CC0 post-training set: kind "chat" or "prefs", split "train" or "valid"."""
+    return Path(__file__).resolve().parent.parent / "post_corpus" / f"{kind}.{split}.jsonl"
