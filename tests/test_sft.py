@@ -189,7 +189,10 @@ def base_run(tiny_workspace, run_levante, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_sft_run_through_the_cli_resumes_bit_for_bit(tiny_workspace, base_run, run_levante, tmp_path):
+@pytest.fixture(scope="module")
+def sft_runs(tiny_workspace, base_run, run_levante, tmp_path_factory) -> Path:
+    """Run a: 4 SFT steps in one go. Run b: 2 steps, refused restart, then --resume to 4."""
+    tmp_path = tmp_path_factory.mktemp("sft_runs")
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", conversations(24) + ["not json"])
@@ -200,22 +203,57 @@ def test_sft_run_through_the_cli_resumes_bit_for_bit(tiny_workspace, base_run, r
     r = run_levante("train", full, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     assert "answer loss" in r.stdout
-    report = json.loads((tmp_path / "a" / "data_report.json").read_text())
-    assert report["train"]["rejected"] == {"not_json": 1} and report["train"]["kept"] == 24
-    evals = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    evals = [e["eval"] for e in evals if "eval" in e]
-    assert evals and set(evals[-1]["per_language"]) == {"en", "de", "fr"}
     assert run_levante("train", part, "--out", tmp_path / "b").returncode == 0
     r = run_levante("train", full, "--out", tmp_path / "b")  # an existing run is never restarted over
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "holds a run" in r.stderr
     r = run_levante("train", full, "--out", tmp_path / "b", "--resume")
     assert r.returncode == 0, r.stderr
-    wa = load_file(tmp_path / "a" / "checkpoints" / "step_00000004" / "model.safetensors")
-    wb = load_file(tmp_path / "b" / "checkpoints" / "step_00000004" / "model.safetensors")
+    return tmp_path
+
+
+def test_sft_run_through_the_cli_resumes_bit_for_bit(sft_runs, base_run):
+    report = json.loads((sft_runs / "a" / "data_report.json").read_text())
+    assert report["train"]["rejected"] == {"not_json": 1} and report["train"]["kept"] == 24
+    evals = [json.loads(x) for x in (sft_runs / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e["eval"] for e in evals if "eval" in e]
+    assert evals and set(evals[-1]["per_language"]) == {"en", "de", "fr"}
+    wa = load_file(sft_runs / "a" / "checkpoints" / "step_00000004" / "model.safetensors")
+    wb = load_file(sft_runs / "b" / "checkpoints" / "step_00000004" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w0 = load_file(next((base_run / "checkpoints").iterdir()) / "model.safetensors")
     assert any(not torch.equal(w0[k], wa[k]) for k in wa)  # SFT did train
+
+
+def test_sft_export_answers_the_same_in_transformers(sft_runs, tmp_path):
+    """HF export: apply_chat_template + greedy generate gives levante's greedy answer, stopping at <|end|>."""
+    transformers = pytest.importorskip("transformers")
+    from levante.infer.engine import SamplingParams, generate_ids
+    from levante.infer.load import load_for_inference
+    from levante.interop.hf import export_hf
+    from levante.tokenizer.chat import render_chat
+
+    model, tok, _ = load_for_inference(sft_runs / "a", device="cpu")
+    out = export_hf(sft_runs / "a", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    produced = 0
+    for messages in (GOOD[0]["messages"][:1], GOOD[1]["messages"][:4], [{"role": "user", "content": "Zähle: a b"}]):
+        ids = render_chat(tok, messages)
+        enc = hf_tok.apply_chat_template(messages, add_generation_prompt=True)
+        assert (enc["input_ids"] if hasattr(enc, "keys") else enc) == ids
+        ours = list(generate_ids(model, ids, SamplingParams(max_new_tokens=12, temperature=0), eos_id=tok.end_id))
+        with torch.no_grad():
+            gen = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_id)
+        if tok.eos_id in ours:  # transformers stops at either end token (generation_config eos ids)
+            ours = ours[: ours.index(tok.eos_id)]
+        theirs = gen[0, len(ids):].tolist()
+        if theirs and theirs[-1] in (tok.end_id, tok.eos_id):
+            theirs = theirs[:-1]
+        assert theirs == ours
+        produced += len(ours)
+    assert produced > 0  # the comparison saw real answer tokens
 
 
 def test_bundled_post_training_set_is_clean_and_multilingual(tok):
