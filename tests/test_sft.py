@@ -269,3 +269,27 @@ def test_bundled_post_training_set_is_clean_and_multilingual(tok):
     valid = [json.dumps(json.loads(x)["messages"]) for x in bundled_post_corpus("chat", "valid").open()]
     held_out = [v for v in valid if v not in train]
     assert len(held_out) >= 0.7 * len(valid)  # greetings repeat by design; the rest is held out
+
+
+def test_language_guesser_tells_the_bundled_languages_apart():
+    from levante.chat_eval import LanguageGuesser
+    from levante.data.chat_data import bundled_post_corpus
+
+    records = [json.loads(x) for x in bundled_post_corpus("chat", "valid").open()]
+    langs = sorted({r["lang"] for r in records})
+    guesser = LanguageGuesser(langs)
+    answers = [(r["lang"], r["messages"][-1]["content"]) for r in records if r["task"] in ("greeting", "count")]
+    right = sum(guesser.guess(text) == lang for lang, text in answers)
+    assert right >= 0.9 * len(answers)
+    assert guesser.guess("   ") is None
+
+
+def test_chat_section_shows_every_model_side_by_side():
+    from levante.report import chat_section
+
+    chat = {"prompts": [{"lang": "de", "user": "Hallo!"}, {"lang": "en", "user": "Hi <b>"}],
+            "models": {name: {"end_of_turn_rate": r, "same_language_rate": r, "preference_accuracy": r,
+                              "answers": [f"{name} a", f"{name} b"]} for name, r in (("base", 0.0), ("sft", 1.0))},
+            "dpo_eval": {"reward_accuracy": 0.75, "reward_margin": 0.5, "pairs": 4}, "steps": {"sft": 3, "dpo": 2}}
+    page = chat_section(chat)
+    assert "Hi &lt;b&gt;" in page and "sft b" in page and "base a" in page and "75%" in page

@@ -44,6 +44,7 @@ class LanguageGuesser:
         grams = _grams(text)
         if not text.strip():
             return None
+
         def score(lang):
             c, total = self.counts[lang], self.totals[lang] + self.vocab
             return sum(math.log((c.get(g, 0) + 1) / total) for g in grams)

@@ -49,7 +49,7 @@ def post_config(kind: str, init_from: Path, steps: int) -> TrainConfig:
     from levante.data.chat_data import bundled_post_corpus
 
     files = "chat" if kind == "sft" else "prefs"
-    lr = 1e-3 if kind == "sft" else 3e-4
+    lr = 2e-3 if kind == "sft" else 5e-4
     return TrainConfig(
         data=DataConfig(train=str(bundled_post_corpus(files, "train")), valid=str(bundled_post_corpus(files, "valid")),
                         seq_len=256),
@@ -61,8 +61,8 @@ def post_config(kind: str, init_from: Path, steps: int) -> TrainConfig:
     ).validate()
 
 
-def run_chat_stage(out: Path, base_ckpt: Path, console: Console, sft_steps: int = 150, dpo_steps: int = 60,
-                   prompts_per_lang: int = 10) -> dict:
+def run_chat_stage(out: Path, base_ckpt: Path, console: Console, sft_steps: int = 100, dpo_steps: int = 50,
+                   prompts_per_lang: int = 6) -> dict:
     """SFT then DPO on the bundled post-training set; the base, SFT and DPO models answer the same
     held-out prompts. Writes chat.json; returns what the report's chat section shows."""
     from levante.chat_eval import LanguageGuesser, answer_metrics, logp_accuracy
