@@ -132,13 +132,16 @@ def _calibrate(cfg: TrainConfig) -> tuple[float, dict]:
 
 
 def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: int | None = None,
-                   overwrite: bool = False, console: Console | None = None, chat: bool = False) -> dict:
+                   overwrite: bool = False, console: Console | None = None, chat: bool = False,
+                   chat_steps: tuple[int, int] = (100, 50)) -> dict:
     console = console or Console()
     out = Path(out)
     if steps is None and minutes <= 0:
         raise LevanteError(f"--minutes must be positive, got {minutes}")
     _prepare_dir(out, overwrite)
     stages = 8 if chat else 5
+    if chat and min(chat_steps) < 1:
+        raise LevanteError(f"--sft-steps and --dpo-steps must be >= 1, got {chat_steps}")
     started = time.perf_counter()
     train_files, valid_files = bundled_corpus("train"), bundled_corpus("valid")
 
@@ -184,7 +187,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
         console.print(f"[bold]{lang}[/bold] {prompt}{text}")
     atomic_write_text(out / "samples.txt", "".join(f"{p}\n{t}\n\n" for p, t in samples))
 
-    chat_result = run_chat_stage(out, result.checkpoint, console) if chat else None
+    chat_result = run_chat_stage(out, result.checkpoint, console, *chat_steps) if chat else None
     elapsed = time.perf_counter() - started
     total, active = model.num_params(), model.num_params(active=True)
     summary = {
