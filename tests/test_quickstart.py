@@ -63,3 +63,19 @@ def test_quickstart_refuses_a_foreign_non_empty_directory(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "not empty" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_quickstart_chat_post_trains_and_reports(tmp_path):
+    """`levante quickstart --chat` (minutes on a CPU): SFT teaches the end-of-turn token and DPO raises
+    held-out preference accuracy over the SFT model; report.html gains a chat section."""
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, "-m", "levante", "quickstart", "--out", str(out), "--steps", "150",
+                           "--chat"], capture_output=True, text=True, timeout=7200)
+    assert proc.returncode == 0, proc.stderr
+    chat = json.loads((out / "chat.json").read_text())
+    base, sft, dpo = (chat["models"][k] for k in ("base", "sft", "dpo"))
+    assert sft["end_of_turn_rate"] >= 0.95 and base["end_of_turn_rate"] <= 0.05
+    assert sft["same_language_rate"] > base["same_language_rate"]
+    assert dpo["preference_accuracy"] > sft["preference_accuracy"]
+    assert "<h2>Chat</h2>" in (out / "report.html").read_text()

@@ -393,12 +393,22 @@ class RunConfig:
 
 
 @dataclass
+class TaskConfig:
+    # "pretrain": token shards. "sft": data.train/valid are chat jsonl (loss on assistant tokens only).
+    # "dpo": data.train/valid are preference jsonl; the frozen reference is the init_from model.
+    kind: str = "pretrain"
+    init_from: str = ""  # Levante checkpoint / run dir / DeepseekV3 HF dir; its model replaces [model]
+    beta: float = 0.1  # DPO: strength of the KL anchor to the reference
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -412,6 +422,7 @@ class TrainConfig:
             optim=from_dict(OptimConfig, data.get("optim", {}), "optim"),
             schedule=from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
             run=from_dict(RunConfig, data.get("run", {}), "run"),
+            task=from_dict(TaskConfig, data.get("task", {}), "task"),
         )
         return cfg.validate()
 
@@ -438,6 +449,11 @@ class TrainConfig:
             (self.run.eval_every >= 0 and self.run.ckpt_every >= 0,
              "run.eval_every and run.ckpt_every must be >= 0 (0: only at the end)"),
             (self.run.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
+            (self.task.kind in ("pretrain", "sft", "dpo"),
+             f"task.kind must be 'pretrain', 'sft' or 'dpo', got '{self.task.kind}'"),
+            (self.task.kind != "dpo" or bool(self.task.init_from),
+             "task.kind = 'dpo' needs task.init_from (the SFT model, also the frozen reference)"),
+            (self.task.beta > 0, "task.beta must be positive"),
             (self.run.spike_window >= 2 and self.run.spike_sigma > 0 and self.run.max_consecutive_skips >= 1,
              "run.spike_window must be >= 2, run.spike_sigma > 0 and run.max_consecutive_skips >= 1"),
         ]

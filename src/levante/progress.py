@@ -18,6 +18,12 @@ def _num(x: float) -> str:
 def format_record(r: dict) -> str:
     if "eval" in r:
         ev = r["eval"]
+        if "reward_margin" in ev:  # DPO
+            return (f"eval step {r['step']}: dpo loss {ev['loss']:.3f} | reward margin {ev['reward_margin']:.3f} "
+                    f"| reward acc {ev['reward_accuracy']:.1%} | logp acc {ev['logp_accuracy']:.1%}")
+        if "bpb" not in ev:  # SFT: loss on assistant tokens
+            langs = " ".join(f"{k}={v['loss']:.2f}" for k, v in ev.get("per_language", {}).items())
+            return f"eval step {r['step']}: answer loss {ev['loss']:.3f} | {langs}"
         langs = " ".join(f"{k}={v['bpb']:.2f}" for k, v in ev.get("per_language", {}).items())
         return f"eval step {r['step']}: loss {ev['loss']:.3f} bpb {ev['bpb']:.3f} | {langs}"
     parts = [f"step {r['step']}", f"loss {_num(r['loss'])}"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from levante.config import DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from levante.config import DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TaskConfig, TrainConfig
 from levante.data.readers import bundled_corpus
 from levante.data.shards import tokenize_corpus
 from levante.errors import LevanteError
@@ -42,6 +42,65 @@ def quickstart_config(out: Path, steps: int) -> TrainConfig:
         run=RunConfig(steps=steps, micro_batch_size=8, grad_accum=1, log_every=max(steps // 40, 1),
                       eval_every=max(steps // 4, 1), eval_batches=4, ckpt_every=max(steps // 4, 1), keep_last=2),
     ).validate()
+
+
+def post_config(kind: str, init_from: Path, steps: int) -> TrainConfig:
+    """SFT on the bundled chat set, or DPO on its preference pairs, from `init_from`."""
+    from levante.data.chat_data import bundled_post_corpus
+
+    files = "chat" if kind == "sft" else "prefs"
+    lr = 2e-3 if kind == "sft" else 5e-4
+    return TrainConfig(
+        data=DataConfig(train=str(bundled_post_corpus(files, "train")), valid=str(bundled_post_corpus(files, "valid")),
+                        seq_len=256),
+        optim=OptimConfig(name="muon", lr=lr, muon_lr=lr, weight_decay=0.0),
+        schedule=ScheduleConfig(name="wsd", warmup_steps=min(10, max(steps // 10, 1)), decay_fraction=0.3),
+        run=RunConfig(steps=steps, micro_batch_size=8, log_every=max(steps // 10, 1), eval_every=max(steps // 2, 1),
+                      ckpt_every=0, keep_last=1),
+        task=TaskConfig(kind=kind, init_from=str(init_from), beta=0.1),
+    ).validate()
+
+
+def run_chat_stage(out: Path, base_ckpt: Path, console: Console, sft_steps: int = 100, dpo_steps: int = 50,
+                   prompts_per_lang: int = 6) -> dict:
+    """SFT then DPO on the bundled post-training set; the base, SFT and DPO models answer the same
+    held-out prompts. Writes chat.json; returns what the report's chat section shows."""
+    from levante.chat_eval import LanguageGuesser, answer_metrics, logp_accuracy
+    from levante.data.chat_data import bundled_post_corpus, read_pairs
+    from levante.interop.load import from_pretrained
+    from levante.tokenizer import LevanteTokenizer
+
+    console.rule("[bold]6/8 SFT on the bundled chat set")
+    sft = train_with_progress(post_config("sft", base_ckpt, sft_steps), out / "sft", console=console)
+    console.rule("[bold]7/8 DPO on the bundled preference pairs")
+    dpo = train_with_progress(post_config("dpo", sft.checkpoint, dpo_steps), out / "dpo", console=console)
+
+    console.rule("[bold]8/8 chat evaluation")
+    tokenizer = LevanteTokenizer(Path(base_ckpt) / "tokenizer.json")
+    held = [json.loads(x) for x in bundled_post_corpus("chat", "valid").read_text(encoding="utf-8").splitlines()]
+    prompts, per_lang = [], {}
+    for rec in held:
+        if per_lang.get(rec["lang"], 0) < prompts_per_lang:
+            per_lang[rec["lang"]] = per_lang.get(rec["lang"], 0) + 1
+            prompts.append((rec["lang"], rec["messages"][:-1]))
+    guesser = LanguageGuesser(sorted(per_lang))
+    pairs, _ = read_pairs(bundled_post_corpus("prefs", "valid"), tokenizer, 256)
+    models = {}
+    for name, ckpt in (("base", base_ckpt), ("sft", sft.checkpoint), ("dpo", dpo.checkpoint)):
+        model = from_pretrained(ckpt)
+        m = answer_metrics(model, tokenizer, prompts, guesser)
+        m["preference_accuracy"] = logp_accuracy(model, pairs, tokenizer.pad_id)
+        models[name] = m
+        console.print(f"{name}: end-of-turn {m['end_of_turn_rate']:.0%}, answers in the prompt's language "
+                      f"{m['same_language_rate']:.0%}, held-out preference accuracy {m['preference_accuracy']:.0%}")
+    chat = {
+        "prompts": [{"lang": lang, "user": msgs[-1]["content"]} for lang, msgs in prompts],
+        "models": models, "sft_eval": sft.eval, "dpo_eval": dpo.eval,
+        "steps": {"sft": sft.steps, "dpo": dpo.steps}, "checkpoints": {"sft": str(sft.checkpoint),
+                                                                       "dpo": str(dpo.checkpoint)},
+    }
+    atomic_write_text(out / "chat.json", json.dumps(chat, indent=2, ensure_ascii=False))
+    return chat
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
@@ -73,26 +132,30 @@ def _calibrate(cfg: TrainConfig) -> tuple[float, dict]:
 
 
 def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: int | None = None,
-                   overwrite: bool = False, console: Console | None = None) -> dict:
+                   overwrite: bool = False, console: Console | None = None, chat: bool = False,
+                   chat_steps: tuple[int, int] = (100, 50)) -> dict:
     console = console or Console()
     out = Path(out)
     if steps is None and minutes <= 0:
         raise LevanteError(f"--minutes must be positive, got {minutes}")
     _prepare_dir(out, overwrite)
+    stages = 8 if chat else 5
+    if chat and min(chat_steps) < 1:
+        raise LevanteError(f"--sft-steps and --dpo-steps must be >= 1, got {chat_steps}")
     started = time.perf_counter()
     train_files, valid_files = bundled_corpus("train"), bundled_corpus("valid")
 
-    console.rule("[bold]1/5 tokenizer")
+    console.rule(f"[bold]1/{stages} tokenizer")
     tok = train_tokenizer(train_files, out / "tokenizer", vocab_size=8192, alpha=0.3, eval_paths=valid_files)
     console.print(f"byte-level BPE, {tok.vocab_size} tokens, {len(tok.languages)} languages -> {tok.path}")
 
-    console.rule("[bold]2/5 token shards")
+    console.rule(f"[bold]2/{stages} token shards")
     workers = max(1, min(2, os.cpu_count() or 1))
     for split, files in (("train", train_files), ("valid", valid_files)):
         index = tokenize_corpus(files, tok.path, out / "data" / split, workers=workers)
         console.print(f"{split}: {index.num_tokens:,} tokens, {index.num_documents} documents")
 
-    console.rule("[bold]3/5 train tiny MoE")
+    console.rule(f"[bold]3/{stages} train tiny MoE")
     probe_cfg = quickstart_config(out, steps=1000)
     step_s, untrained = _calibrate(probe_cfg)
     if steps is None:
@@ -101,7 +164,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
     console.print(f"{steps} steps (~{step_s:.2f} s each), untrained held-out bpb {untrained['bpb']:.3f}")
     result = train_with_progress(cfg, out, console=console)
 
-    console.rule("[bold]4/5 evaluation")
+    console.rule(f"[bold]4/{stages} evaluation")
     trained = result.eval
     eval_result = {"untrained": untrained, "trained": trained}
     atomic_write_text(out / "eval.json", json.dumps(eval_result, indent=2))
@@ -114,7 +177,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
     table.add_row("all", f"{untrained['bpb']:.3f}", f"{trained['bpb']:.3f}", style="bold")
     console.print(table)
 
-    console.rule("[bold]5/5 samples")
+    console.rule(f"[bold]5/{stages} samples")
     model, tokenizer, _ = load_for_inference(result.checkpoint)
     samples = []
     for i, (lang, prompt) in enumerate(PROMPTS):
@@ -124,6 +187,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
         console.print(f"[bold]{lang}[/bold] {prompt}{text}")
     atomic_write_text(out / "samples.txt", "".join(f"{p}\n{t}\n\n" for p, t in samples))
 
+    chat_result = run_chat_stage(out, result.checkpoint, console, *chat_steps) if chat else None
     elapsed = time.perf_counter() - started
     total, active = model.num_params(), model.num_params(active=True)
     summary = {
@@ -132,6 +196,6 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
         "held-out bpb": f"{untrained['bpb']:.3f} untrained -> {trained['bpb']:.3f} trained",
         "checkpoint": str(result.checkpoint), "wall time": f"{elapsed / 60:.1f} min",
     }
-    report = write_report(out, eval_result, samples, summary)
+    report = write_report(out, eval_result, samples, summary, chat=chat_result)
     console.print(f"report: {report}  ({elapsed / 60:.1f} min in all)")
     return {"eval": eval_result, "checkpoint": result.checkpoint, "report": report, "steps": result.steps}

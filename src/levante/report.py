@@ -61,7 +61,34 @@ def bpb_figure(before: dict, after: dict) -> str:
     return _png(fig)
 
 
-def write_report(out_dir: Path, eval_result: dict, samples: list[tuple[str, str]], summary: dict) -> Path:
+def chat_section(chat: dict, examples_per_lang: int = 2) -> str:
+    """Before/after answers to the same held-out prompts, and the chat metrics of each model."""
+    models = chat["models"]
+    names = list(models)
+    metric_rows = "".join(
+        f"<tr><td>{label}</td>" + "".join(f"<td>{models[n][key]:.0%}</td>" for n in names) + "</tr>"
+        for key, label in (("end_of_turn_rate", "answers ending with &lt;|end|&gt;"),
+                           ("same_language_rate", "answers in the prompt's language"),
+                           ("preference_accuracy", "held-out pairs: log p(chosen) &gt; log p(rejected)")))
+    dpo = chat.get("dpo_eval") or {}
+    extra = (f"<p>DPO held-out reward accuracy {dpo['reward_accuracy']:.0%}, mean reward margin "
+             f"{dpo['reward_margin']:.3f} ({dpo['pairs']} pairs).</p>" if "reward_accuracy" in dpo else "")
+    shown, rows = {}, ""
+    for i, p in enumerate(chat["prompts"]):
+        if shown.get(p["lang"], 0) >= examples_per_lang:
+            continue
+        shown[p["lang"]] = shown.get(p["lang"], 0) + 1
+        rows += (f"<tr><td>{html.escape(p['lang'])}</td><td>{html.escape(p['user'])}</td>"
+                 + "".join(f"<td>{html.escape(models[n]['answers'][i])}</td>" for n in names) + "</tr>")
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    return (f"<h2>Chat</h2><p>SFT {chat['steps']['sft']} steps, then DPO {chat['steps']['dpo']} steps on the "
+            f"bundled post-training set; {len(chat['prompts'])} held-out prompts, greedy answers.</p>"
+            f"<table><tr><th></th>{head}</tr>{metric_rows}</table>{extra}"
+            f"<table class=chat><tr><th>lang</th><th>prompt</th>{head}</tr>{rows}</table>")
+
+
+def write_report(out_dir: Path, eval_result: dict, samples: list[tuple[str, str]], summary: dict,
+                 chat: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     train, evals = read_metrics(out_dir / "metrics.jsonl")
     after = eval_result["trained"]["per_language"]
@@ -75,12 +102,12 @@ def write_report(out_dir: Path, eval_result: dict, samples: list[tuple[str, str]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Levante quickstart report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:8px}}</style></head><body>
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:8px}}table.chat td{{text-align:left}}</style></head><body>
 <h1>Levante quickstart report</h1><ul>{facts}</ul>
 <h2>Loss</h2><img alt="loss curves" src="data:image/png;base64,{loss_figure(train, evals)}">
 <h2>Held-out bits per byte</h2><img alt="bits per byte" src="data:image/png;base64,{bpb_figure(before, after)}">
 <table><tr><th>lang</th><th>untrained bpb</th><th>trained bpb</th><th>trained loss</th></tr>{rows}</table>
-<h2>Samples</h2>{sample_html}</body></html>"""
+<h2>Samples</h2>{sample_html}{chat_section(chat) if chat else ""}</body></html>"""
     path = out_dir / "report.html"
     atomic_write_text(path, page)
     return path

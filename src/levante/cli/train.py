@@ -30,11 +30,15 @@ def quickstart(
     minutes: float = typer.Option(4.0, help="Training time budget in minutes (the whole job adds ~1 min)."),
     steps: int = typer.Option(0, help="Exact number of training steps (overrides --minutes)."),
     overwrite: bool = typer.Option(False, help="Replace a previous quickstart in --out."),
+    chat: bool = typer.Option(False, "--chat", help="Then SFT + DPO on the bundled chat set (a few more minutes)."),
+    sft_steps: int = typer.Option(100, help="With --chat: SFT steps."),
+    dpo_steps: int = typer.Option(50, help="With --chat: DPO steps."),
 ):
     """The whole flow on the bundled corpus: tokenizer, shards, train `tiny`, eval, samples, report."""
     from levante.quickstart import run_quickstart
 
-    run_quickstart(out, minutes=minutes, steps=steps or None, overwrite=overwrite, console=console)
+    run_quickstart(out, minutes=minutes, steps=steps or None, overwrite=overwrite, console=console, chat=chat,
+                   chat_steps=(sft_steps, dpo_steps))
 
 
 def register(app: typer.Typer) -> None:

@@ -70,17 +70,20 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: LatentCache | None = None, start: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` (bool [B, 1, T, T], True = may attend) replaces the plain causal mask, e.g. to keep
+        packed documents apart; training/prefill only."""
         q_nope, q_rope = self._queries(x, cos, sin)
         c_kv, k_rope = self._latent(x, cos, sin)
         if cache is None:
-            out = self._expanded(q_nope, q_rope, c_kv, k_rope)
+            out = self._expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
         else:
             c_kv, k_rope = cache.write(start, c_kv, k_rope)
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
         return self.o_proj(out.flatten(2))
 
-    def _expanded(self, q_nope, q_rope, c_kv, k_rope):
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, attn_mask=None):
         """Causal attention with per-head keys/values decompressed from the latent (training, prefill)."""
         b, t, h, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(b, t, h, self.nope_dim + self.v_dim)
@@ -91,7 +94,8 @@ class MLA(nn.Module):
         if pad > 0:  # fused (flash) SDPA kernels want one head dim for q, k and v: pad v, slice after
             v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+            is_causal=attn_mask is None, scale=self.scale
         )
         return out.transpose(1, 2)[..., : self.v_dim]  # [B, T, H, v_dim]
 

@@ -19,9 +19,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos, sin, cache: LatentCache | None = None, start: int = 0):
+    def forward(self, x: torch.Tensor, cos, sin, cache: LatentCache | None = None, start: int = 0,
+                attn_mask: torch.Tensor | None = None):
         """-> (hidden states, aux loss or None, routed tokens per expert or None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux, load = self.mlp(h)

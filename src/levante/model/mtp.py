@@ -27,6 +27,6 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.num_hidden_layers + depth - 1)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin):
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, attn_mask=None):
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-        return self.block(h, cos, sin)  # (h, aux, load) as a block returns
+        return self.block(h, cos, sin, attn_mask=attn_mask)  # (h, aux, load) as a block returns

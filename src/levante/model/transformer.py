@@ -40,6 +40,21 @@ def _stack(loads: list) -> torch.Tensor | None:
     return torch.stack(loads) if loads else None
 
 
+def document_layout(document_ids: torch.Tensor):
+    """Packed documents [B, T] -> (rope positions [B, T] restarting at each document, block-diagonal causal
+    attention mask [B, 1, T, T] (True = may attend), document run index [B, T]). A document is a
+    maximal run of equal ids, so ids may repeat in different places of a row."""
+    b, t = document_ids.shape
+    idx = torch.arange(t, device=document_ids.device).expand(b, t)
+    first = torch.ones(b, 1, dtype=torch.bool, device=document_ids.device)
+    is_start = torch.cat((first, document_ids[:, 1:] != document_ids[:, :-1]), dim=1)
+    runs = is_start.cumsum(1)
+    positions = idx - torch.where(is_start, idx, 0).cummax(1).values
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    mask = (runs[:, :, None] == runs[:, None, :]) & causal
+    return positions, mask[:, None], runs
+
+
 class DecodeCache:
     """Latent caches of every layer plus the number of positions already filled."""
 
@@ -87,24 +102,33 @@ class Transformer(nn.Module):
         return DecodeCache(self.config, batch, max_len, p.device, p.dtype)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, cache: DecodeCache | None = None) -> ModelOutput:
+                targets: torch.Tensor | None = None, cache: DecodeCache | None = None,
+                document_ids: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab].
 
         `labels` follow the transformers convention (aligned with input_ids, shifted inside);
         `targets` are already shifted (targets[:, t] is the token after input_ids[:, t]), as the
         trainer feeds them. Either gives `.loss`; -100 marks positions to ignore.
+        `document_ids` [B, T] (packed training sequences): each run of equal ids is one document that
+        attends only to itself, with rope positions restarting at 0; no cache.
         """
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         t = input_ids.shape[1]
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + t, device=input_ids.device)
+        mask, runs = None, None
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids are for training/prefill without a cache")
+            positions, mask, runs = document_layout(document_ids)
+        else:
+            positions = torch.arange(start, start + t, device=input_ids.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_attention_factor, positions)
 
         h = self.embed_tokens(input_ids)
         aux_losses, loads = [], []
         for i, layer in enumerate(self.layers):
-            h, aux, load = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start)
+            h, aux, load = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start, mask)
             _collect(aux, aux_losses)
             _collect(load, loads)
         if cache is not None:
@@ -116,7 +140,8 @@ class Transformer(nn.Module):
 
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss = lm_loss
-        mtp_loss = self._mtp_loss(h, input_ids, targets, cos, sin, aux_losses, loads) if len(self.mtp) else None
+        mtp_loss = (self._mtp_loss(h, input_ids, targets, cos, sin, aux_losses, loads, mask, runs)
+                    if len(self.mtp) else None)
         if mtp_loss is not None:
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
@@ -126,8 +151,9 @@ class Transformer(nn.Module):
                            expert_load=_stack(loads))
 
     def _mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos, sin,
-                  aux_losses: list, loads: list):
-        """Mean over depths k of CE(predict token i+k+1 from position i); the sequence shrinks by k."""
+                  aux_losses: list, loads: list, mask=None, runs=None):
+        """Mean over depths k of CE(predict token i+k+1 from position i); the sequence shrinks by k.
+        With packed documents (`runs`), position i only predicts tokens of its own document."""
         t = targets.shape[1]
         losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -137,11 +163,19 @@ class Transformer(nn.Module):
             # Token i+k from the inputs, not the targets: it is a real token even where its own
             # target is ignored (an SFT prompt), and the prediction of token i+k+1 depends on it.
             next_tokens = input_ids[:, k : k + n]
-            h, aux, load = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
+            tgt = targets[:, k : k + n]
+            if runs is None:
+                h, aux, load = module(h[:, :n], self.embed_tokens(next_tokens), cos[:n], sin[:n])
+            else:
+                h, aux, load = module(h[:, :n], self.embed_tokens(next_tokens), cos[:, :n], sin[:, :n],
+                                      mask[..., :n, :n])
+                # targets[:, i + k] belongs to position i + k's document; the packer already ignores
+                # the target past a document's last token.
+                tgt = tgt.masked_fill(runs[:, :n] != runs[:, k : k + n], IGNORE_INDEX)
             _collect(aux, aux_losses)
             _collect(load, loads)
             logits = self.lm_head(module.norm(h))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k : k + n].flatten(),
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(),
                                           ignore_index=IGNORE_INDEX))
         return torch.stack(losses).mean() if losses else None
 

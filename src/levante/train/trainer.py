@@ -9,6 +9,7 @@ Checkpoints capture weights, optimizer, data position, RNG states and the guard'
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -72,6 +73,10 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
+        if cfg.task.kind != "pretrain":
+            from levante.train.sft import resolve_init
+
+            cfg = self.cfg = resolve_init(cfg)  # the init checkpoint's model (and tokenizer)
         if not cfg.data.tokenizer or not cfg.data.train:
             raise LevanteError("config needs data.tokenizer and data.train (run `levante tokenize` first)")
         self.tokenizer = LevanteTokenizer(cfg.data.tokenizer)
@@ -80,18 +85,33 @@ class Trainer:
                                f"{cfg.model.vocab_size}")
         if (self.tokenizer.bos_id, self.tokenizer.eos_id) != (cfg.model.bos_token_id, cfg.model.eos_token_id):
             raise LevanteError("model.bos_token_id/eos_token_id do not match the tokenizer's special tokens")
-        sha = self.tokenizer.sha256
-        self.train_shards = open_shards(cfg.data.train, expected_tokenizer_sha256=sha)
-        self.valid_shards = (open_shards(cfg.data.valid, expected_tokenizer_sha256=sha)
-                             if cfg.data.valid else None)
+        self.task = None  # pretraining; SFTTask / DPOTask supply batches, loss and evals otherwise
+        if cfg.task.kind == "pretrain":
+            sha = self.tokenizer.sha256
+            self.train_shards = open_shards(cfg.data.train, expected_tokenizer_sha256=sha)
+            self.valid_shards = (open_shards(cfg.data.valid, expected_tokenizer_sha256=sha)
+                                 if cfg.data.valid else None)
+        else:
+            from levante.train.dpo import DPOTask
+            from levante.train.sft import SFTTask
+
+            self.task = (SFTTask if cfg.task.kind == "sft" else DPOTask)(cfg, self.tokenizer)
+            self.valid_shards = None
 
         seed_everything(cfg.run.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        if cfg.task.init_from:
+            from levante.train.sft import load_init_weights
+
+            load_init_weights(self.model, cfg)
+            if cfg.task.kind == "dpo":
+                self.task.set_reference(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.balancer = RouterBalancer(self.model, cfg.model.bias_update_speed)
         self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
                                 enabled=cfg.run.skip_spikes)
-        self.loader = TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed)
+        self.loader = (self.task.loader if self.task else
+                       TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed))
         # Periodic evals score whole held-out documents, up to eval_batches batches per language.
         self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len,
                                                 max_windows_per_lang=cfg.run.eval_batches * cfg.run.micro_batch_size)
@@ -138,19 +158,19 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         lang_loss = {}
         for micro in range(cfg.run.grad_accum):
-            inputs, targets = self.loader.next_batch()
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            batch = self.loader.next_batch()
             with self.autocast:
-                out = self.forward(inputs, targets=targets)
+                out, targets = self._micro_forward(batch)
             (out.loss / cfg.run.grad_accum).backward()
             self.balancer.observe(out.expert_load)
             for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] = sums.get(key, 0) + value.detach() / cfg.run.grad_accum
-            self.tokens += inputs.numel()
+            self.tokens += batch[0].numel()
             if per_language and micro == cfg.run.grad_accum - 1:
-                lang_loss = self._loss_per_language(out.logits, targets)
+                lang_loss = (self.task.loss_per_language(out, targets) if self.task
+                             else self._loss_per_language(out.logits, targets))
             del out  # free this micro-batch's logits before the next forward
         norm = grad_norm_tensor(model.parameters())
         keys = list(sums)
@@ -181,6 +201,13 @@ class Trainer:
             record["skip_reason"] = reason
         return record
 
+    def _micro_forward(self, batch):
+        """-> (model output with .loss, targets for the per-language loss)."""
+        if self.task is not None:
+            return self.task.forward(self.forward, batch, self.device)
+        inputs, targets = (t.to(self.device) for t in batch)
+        return self.forward(inputs, targets=targets), targets
+
     @torch.no_grad()
     def _loss_per_language(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         token_loss = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), targets.flatten(),
@@ -192,6 +219,9 @@ class Trainer:
         return {lang: float(sums[i] / counts[i]) for i, lang in enumerate(self.train_shards.langs) if counts[i]}
 
     def evaluate(self) -> dict:
+        if self.task is not None:
+            with self.autocast:
+                return self.task.evaluate(self.model, self.device)
         if not self.eval_sets:
             return {}
         self.model.eval()
@@ -205,6 +235,8 @@ class Trainer:
         claim_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.toml", cfg.dumps())
+        if self.task is not None:  # what the post-training data kept and rejected, per reason
+            atomic_write_text(self.out_dir / "data_report.json", json.dumps(self.task.reports, indent=2))
         if resume:
             self.resume()
         metrics = MetricsWriter(self.out_dir / "metrics.jsonl", resume_step=self.step)
