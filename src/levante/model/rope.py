@@ -60,14 +60,14 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor):
-    """cos/sin tables [T, rope_dim/2] for integer positions [T] (fp32)."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """cos/sin tables [T, rope_dim/2] for integer positions [T], or [B, T, rope_dim/2] for [B, T] (fp32)."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, heads, rope_dim] in interleaved pairs; cos/sin: [T, rope_dim/2]."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """x: [B, T, heads, rope_dim] in interleaved pairs; cos/sin: [T, rope_dim/2] or per row [B, T, rope_dim/2]."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
