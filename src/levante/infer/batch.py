@@ -56,8 +56,9 @@ class Request:
     """One generation: iterate it for `Delta`s, or call `result()`; `cancel()` frees its slot."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
-                 logprobs: int | None):
+                 logprobs: int | None, on_delta=None):
         self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
+        self.on_delta = on_delta  # called from the engine thread instead of queueing (the server's event loop)
         self.stop_ids, self.logprobs = stop_ids, logprobs
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -134,7 +135,7 @@ class Request:
         delta = Delta(text[self._sent:end], self._pending_ids, self.finish_reason, self._pending_lp)
         self._sent, self._pending_ids, self._pending_lp = end, [], []
         if delta.text or delta.token_ids or delta.finish_reason or delta.logprobs:
-            self.events.put(delta)
+            (self.on_delta or self.events.put)(delta)
 
 
 class Engine:
@@ -167,11 +168,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "drafted": 0, "accepted": 0, "decode_seconds": 0.0}
+                      "drafted": 0, "accepted": 0, "cancelled": 0,
+                      "decode_seconds": 0.0}
 
     # -- public API ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] | None = None,
-               logprobs: int | None = None) -> Request:
+               logprobs: int | None = None, on_delta=None) -> Request:
         params.validate()
         if not prompt_ids:
             raise LevanteError("the prompt is empty: give at least one token")
@@ -181,7 +183,7 @@ class Engine:
                                f"exceeds the context length ({self.max_len})")
         if stop_ids is None:
             stop_ids = {self.tokenizer.eos_id} if params.stop_at_eos else set()
-        req = Request(self, prompt_ids, params, set(stop_ids), logprobs)
+        req = Request(self, prompt_ids, params, set(stop_ids), logprobs, on_delta)
         with self.lock:
             self.waiting.append(req)
             self.stats["requests"] += 1
@@ -269,10 +271,12 @@ class Engine:
                 self.waiting.remove(r)
                 r.finish_reason = "cancelled"
                 r._flush()
+                self.stats["cancelled"] += 1
             for r in [r for r in self.running if r.cancelled]:
                 r.finish_reason = "cancelled"
                 r._flush()
                 self._release(r)
+                self.stats["cancelled"] += 1
             while self.waiting and self.free:
                 req = self.waiting.pop(0)
                 req.slot = self.free.pop(0)
