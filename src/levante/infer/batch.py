@@ -38,7 +38,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    # (token id, its logprob, {id: logprob} of the top ones) per chosen token, a stop token included
+    logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
@@ -105,8 +106,8 @@ class Request:
         if self.logprobs is not None:
             lp = logits.float().log_softmax(-1)
             top = lp.topk(max(self.logprobs, 1))
-            self._pending_lp.append((float(lp[token]), dict(zip(top.indices.tolist(), top.values.tolist(),
-                                                                  strict=True))))
+            self._pending_lp.append((token, float(lp[token]),
+                                     dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return
@@ -221,15 +222,16 @@ class Engine:
         return s
 
     @torch.no_grad()
-    def prompt_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[float, dict[int, float]] | None]:
+    def prompt_logprobs(self, ids: list[int], top: int = 1) -> list[tuple[int, float, dict[int, float]]]:
         """Log-probability of every prompt token given the ones before (None for the first)."""
         with self.lock:
             logits = self.model(torch.tensor([ids], device=self.device)).logits[0].float()
         lp = logits.log_softmax(-1)
-        out: list = [None]
+        out: list = [(ids[0], None, None)]  # nothing predicts the first token
         for i in range(1, len(ids)):
             t = lp[i - 1].topk(max(top, 1))
-            out.append((float(lp[i - 1, ids[i]]), dict(zip(t.indices.tolist(), t.values.tolist(), strict=True))))
+            out.append((ids[i], float(lp[i - 1, ids[i]]),
+                        dict(zip(t.indices.tolist(), t.values.tolist(), strict=True))))
         return out
 
     # -- scheduling ---------------------------------------------------------------------------

@@ -241,16 +241,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def token_logprobs(entries, offset: int):
-        """OpenAI completions `logprobs` for (logprob, {id: logprob}) entries (None for the first prompt token)."""
+        """OpenAI completions `logprobs` for (id, logprob, {id: logprob}) entries (None for the first prompt token)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tid, entry in entries:
+        for tid, lp, top in entries:
             piece = tok.decode([tid], skip_special_tokens=False)
             out["tokens"].append(piece)
             out["text_offset"].append(offset)
             offset += len(piece)
-            out["token_logprobs"].append(None if entry is None else entry[0])
-            out["top_logprobs"].append(None if entry is None else
-                                       {tok.decode([t], skip_special_tokens=False): v for t, v in entry[1].items()})
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else
+                                       {tok.decode([t], skip_special_tokens=False): v for t, v in top.items()})
         return out
 
     def sse(obj) -> str:
@@ -292,7 +292,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
                     generated += len(d.token_ids)
                     choice = {"index": i, "text": d.text, "logprobs": None, "finish_reason": _finish(d)}
                     if body.logprobs is not None and d.logprobs:
-                        choice["logprobs"] = token_logprobs(zip(d.token_ids, d.logprobs, strict=False), 0)
+                        choice["logprobs"] = token_logprobs(d.logprobs, 0)
                     yield sse({**head, "choices": [choice]})
                 counters["completion_tokens"] += generated
                 if include_usage:
@@ -316,10 +316,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
             if body.echo:
                 choice["text"] = tok.decode(ids) + texts[i]
             if body.logprobs is not None:
-                entries = list(zip(out_ids[i], lps[i], strict=False))
+                entries = lps[i]
                 if body.echo:
-                    scored = await asyncio.to_thread(engine.prompt_logprobs, ids, max(body.logprobs, 1))
-                    entries = list(zip(ids, scored, strict=True)) + entries
+                    entries = await asyncio.to_thread(engine.prompt_logprobs, ids, max(body.logprobs, 1)) + entries
                 choice["logprobs"] = token_logprobs(entries, 0)
             choices.append(choice)
         generated = sum(map(len, out_ids))
@@ -369,17 +368,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
             texts[i] += d.text
             counts[i] += len(d.token_ids)
             finish[i] = _finish(d)
-            lps[i] += list(zip(d.token_ids, d.logprobs, strict=False))
+            lps[i] += d.logprobs
         choices = []
         for i in range(len(jobs)):
             choice = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                       "finish_reason": finish[i]}
             if body.logprobs:
                 choice["logprobs"] = {"content": [
-                    {"token": tok.decode([t], skip_special_tokens=False), "logprob": lp[0],
+                    {"token": tok.decode([t], skip_special_tokens=False), "logprob": lp,
                      "top_logprobs": [{"token": tok.decode([k], skip_special_tokens=False), "logprob": v}
-                                      for k, v in lp[1].items()][: body.top_logprobs or 0]}
-                    for t, lp in lps[i]]}
+                                      for k, v in top.items()][: body.top_logprobs or 0]}
+                    for t, lp, top in lps[i]]}
             choices.append(choice)
         counters["completion_tokens"] += sum(counts)
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(n_prompt, sum(counts))}
