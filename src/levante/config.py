@@ -297,7 +297,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "1b": ModelConfig(
         vocab_size=65536, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=256,
-        num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256,
+        num_hidden_layers=16, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=288,  # 288+32: vLLM's 320
         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1,
         n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4,
         routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,

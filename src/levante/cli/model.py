@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from levante.cli.common import console
+from levante.errors import LevanteError
 
 import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints from other formats.")
 export_app = typer.Typer(no_args_is_help=True, help="Export checkpoints to other formats.")
@@ -20,13 +21,24 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 
 def eval_command(
     checkpoint: Path = typer.Argument(..., help=CHECKPOINT_HELP),
-    data: list[Path] = typer.Option(..., "--data", help="Shard directory or raw corpus files."),
+    data: list[Path] = typer.Option(None, "--data", help="Shard directory or raw corpus files."),
+    tasks: str = typer.Option(None, "--tasks", help="lm-eval tasks, comma-separated (example: levante_mc)."),
+    limit: int = typer.Option(None, help="lm-eval: at most this many documents per task."),
+    num_fewshot: int = typer.Option(None, help="lm-eval: few-shot examples per prompt."),
+    include_path: Path = typer.Option(None, help="lm-eval: a directory of extra task YAMLs."),
     seq_len: int = typer.Option(256, help="Evaluation window length."),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Held-out loss and bits-per-byte per language."""
+    """Held-out loss and bits-per-byte per language (--data), and/or lm-eval tasks (--tasks)."""
+    if not data and not tasks:
+        raise LevanteError("give --data (held-out loss per language) and/or --tasks (lm-eval tasks)")
+    if tasks:
+        _eval_tasks(checkpoint, [t.strip() for t in tasks.split(",") if t.strip()], device, batch_size, limit,
+                    num_fewshot, include_path, json_out)
+    if not data:
+        return
     from levante.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, batch_size=batch_size, device=device)
@@ -39,6 +51,26 @@ def eval_command(
     for lang, r in result["per_language"].items():
         table.add_row(lang, f"{r['tokens']:,}", f"{r['bytes']:,}", f"{r['loss']:.3f}", f"{r['bpb']:.3f}")
     table.add_row("all", "", "", f"{result['loss']:.3f}", f"{result['bpb']:.3f}", style="bold")
+    console.print(table)
+
+
+def _eval_tasks(checkpoint, tasks, device, batch_size, limit, num_fewshot, include_path, json_out):
+    try:
+        from levante.interop.lm_eval import run_tasks
+    except ImportError as e:
+        raise LevanteError(f"--tasks needs lm-evaluation-harness: pip install 'levante[eval]' ({e})") from None
+    out = run_tasks(checkpoint, tasks, device=device, batch_size=batch_size, limit=limit,
+                    num_fewshot=num_fewshot, include_path=include_path)
+    if json_out:
+        print(json.dumps(out, indent=2, default=str))
+        return
+    table = Table(title=f"{checkpoint}: lm-eval")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right")
+    for task, metrics in out["results"].items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in name:
+                table.add_row(task, name.split(",")[0], f"{value:.4f}")
     console.print(table)
 
 

@@ -7,7 +7,7 @@ each decode step then runs one token through the absorbed path against the cache
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     seed: int | None = None
     stop_at_eos: bool = True
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the prompt or output
+    stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these strings
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -32,6 +34,10 @@ class SamplingParams:
             raise LevanteError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LevanteError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise LevanteError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LevanteError("stop strings must be non-empty strings")
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -121,6 +122,18 @@ def _generation_config(ckpt_dir: Path, cfg: ModelConfig) -> dict:
     return {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": eos}
 
 
+# kv_lora_rank + qk_rope_head_dim that vLLM's MLA kernels accept (GPU: all three; its CPU build: 576)
+VLLM_MLA_WIDTHS = (320, 512, 576)
+
+
+def vllm_width_problem(cfg: ModelConfig) -> str | None:
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if width in VLLM_MLA_WIDTHS:
+        return None
+    return (f"kv_lora_rank + qk_rope_head_dim = {width}: vLLM's MLA kernels serve only "
+            f"{', '.join(map(str, VLLM_MLA_WIDTHS))} (576 on CPU); transformers loads this export, vLLM will not")
+
+
 def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, include_mtp: bool = True,
               overwrite: bool = False) -> Path:
@@ -132,6 +145,9 @@ def export_hf(src: str | Path, dst_dir: str | Path, dtype: str = "float32",
     ckpt = resolve_checkpoint(src)
     _check_destination(dst, ckpt.path, overwrite)
     cfg, state, _ = read_checkpoint(ckpt)
+    problem = vllm_width_problem(cfg)
+    if problem is not None:
+        logging.getLogger(__name__).warning(problem)
     if not include_mtp:
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)  # vLLM reads this to find MTP weights

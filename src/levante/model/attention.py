@@ -9,6 +9,8 @@ directly against the latent (an MQA over kv_lora_rank + rope dims).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,18 @@ from torch import nn
 from levante.config import ModelConfig
 from levante.model.norm import RMSNorm
 from levante.model.rope import apply_rope, softmax_scale
+
+
+@dataclass
+class RowSlots:
+    """Where a batch sits in a shared cache when its rows are at different positions (continuous
+    batching): batch row b uses cache row `rows[b]`, its tokens sit at `positions[b]` [B, T], and
+    keys 0..kv_len-1 are read (kv_len > every position). A query sees the keys at positions up to
+    its own, so whatever a slot's previous occupant left further along is never read."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    kv_len: int
 
 
 class LatentCache:
@@ -32,6 +46,12 @@ class LatentCache:
         self.c_kv[:, start:end] = c_kv
         self.k_rope[:, start:end] = k_rope
         return self.c_kv[:, :end], self.k_rope[:, :end]
+
+    def write_rows(self, slots: RowSlots, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        rows = slots.rows[:, None]
+        self.c_kv[rows, slots.positions] = c_kv
+        self.k_rope[rows, slots.positions] = k_rope
+        return self.c_kv[slots.rows, : slots.kv_len], self.k_rope[slots.rows, : slots.kv_len]
 
 
 class MLA(nn.Module):
@@ -70,14 +90,18 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, start: int = 0,
+                cache: LatentCache | None = None, start: int | RowSlots = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attn_mask` (bool [B, 1, T, T], True = may attend) replaces the plain causal mask, e.g. to keep
-        packed documents apart; training/prefill only."""
+        packed documents apart; training/prefill only. `start` is the cache offset, or per-row
+        `RowSlots` for continuous batching."""
         q_nope, q_rope = self._queries(x, cos, sin)
         c_kv, k_rope = self._latent(x, cos, sin)
         if cache is None:
             out = self._expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
+        elif isinstance(start, RowSlots):
+            c_kv, k_rope = cache.write_rows(start, c_kv, k_rope)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start.positions)
         else:
             c_kv, k_rope = cache.write(start, c_kv, k_rope)
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
@@ -99,7 +123,7 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., : self.v_dim]  # [B, T, H, v_dim]
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int):
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int | torch.Tensor):
         """Attention straight against the cached latent: W_uk folds into q, W_uv into the output."""
         b, t, h, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_rank)
@@ -109,7 +133,10 @@ class MLA(nn.Module):
         k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # [B, 1, S, kv_rank + rope]: one shared head
         v = c_kv[:, None]
         mask = None
-        if t > 1:  # query i sits at position start + i and sees keys 0..start + i
+        if isinstance(start, torch.Tensor):  # per-row positions [B, T]: row b's query i sees keys <= its position
+            s = k.shape[2]
+            mask = (torch.arange(s, device=q.device)[None, None, :] <= start[:, :, None])[:, None]
+        elif t > 1:  # query i sits at position start + i and sees keys 0..start + i
             s = k.shape[2]
             q_pos = torch.arange(start, start + t, device=q.device)[:, None]
             mask = torch.arange(s, device=q.device)[None, :] <= q_pos

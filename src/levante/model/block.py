@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from levante.config import ModelConfig
-from levante.model.attention import MLA, LatentCache
+from levante.model.attention import MLA, LatentCache, RowSlots
 from levante.model.moe import MLP, MoE
 from levante.model.norm import RMSNorm
 
@@ -19,8 +19,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos, sin, cache: LatentCache | None = None, start: int = 0,
-                attn_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cos, sin, cache: LatentCache | None = None,
+                start: int | RowSlots = 0, attn_mask: torch.Tensor | None = None):
         """-> (hidden states, aux loss or None, routed tokens per expert or None for a dense layer)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn_mask)
         h = self.post_attention_layernorm(x)

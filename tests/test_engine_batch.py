@@ -1,0 +1,188 @@
+"""The continuous-batching engine against plain full forwards: batching, joining, speculation, text."""
+
+import pytest
+import torch
+
+from levante import ModelConfig, Transformer
+from levante.errors import LevanteError
+from levante.infer.batch import Engine, apply_repetition_penalty
+from levante.infer.engine import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
+
+
+class LetterTokenizer:
+    """Token i decodes to one letter (ids past 'z' wrap): enough to test text handling."""
+
+    eos_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                      num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, intermediate_size=32,
+                      first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=64)
+    m = Transformer(cfg).eval().requires_grad_(False)
+    m.init_weights(std=0.2)  # peaked logits: greedy ties (which would make argmax comparisons flaky) are unlikely
+    return m
+
+
+PROMPTS = [[3, 17, 5], [8], [40, 2, 9, 11, 30, 7, 21], [5, 5, 6, 60], [12, 13]]
+
+
+def full_forward_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batched_greedy_equals_alone_equals_full_forward(model):
+    oracle = [full_forward_greedy(model, p, GREEDY.max_new_tokens) for p in PROMPTS]
+    alone = [Engine(model, LetterTokenizer(), max_batch=1).generate([p], GREEDY)[0] for p in PROMPTS]
+    # 3 slots for 5 prompts: two requests wait, then take the slots of the first to finish
+    batched = Engine(model, LetterTokenizer(), max_batch=3).generate(PROMPTS, GREEDY)
+    assert alone == oracle
+    assert batched == oracle
+
+
+def test_joining_a_running_batch_changes_no_output(model):
+    engine = Engine(model, LetterTokenizer(), max_batch=4)
+    first = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False))
+    for _ in range(5):
+        engine.step()
+    assert len(first.output_ids) == 6  # the first step prefills and decodes
+    late = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
+    for r in [first, *late]:
+        r.result()
+    assert first.output_ids == full_forward_greedy(model, PROMPTS[2], 16)
+    assert [r.output_ids for r in late] == [full_forward_greedy(model, p, 10) for p in PROMPTS[:2]]
+
+
+def test_speculative_equals_greedy_and_reports_acceptance(model):
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_at_eos=False)
+    plain = Engine(model, LetterTokenizer(), max_batch=2).generate(PROMPTS, params)
+    spec = Engine(model, LetterTokenizer(), max_batch=2, speculative=True)
+    assert spec.generate(PROMPTS, params) == plain
+    m = spec.metrics()
+    assert m["drafted"] > 0 and 0 <= m["acceptance_rate"] <= 1
+    assert m["generated_tokens"] == sum(len(p) for p in plain)
+
+
+@pytest.mark.parametrize("oracle_draft", [True, False])
+def test_verification_keeps_right_drafts_and_drops_wrong_ones(model, oracle_draft):
+    """A drafter that knows the greedy answer has every draft kept (about half the main-model steps);
+    one that is always wrong has none kept; the output is plain greedy output either way."""
+    n = 20
+    seq = PROMPTS[0] + full_forward_greedy(model, PROMPTS[0], n + 2)
+    engine = Engine(model, LetterTokenizer(), max_batch=1, speculative=True)
+    calls = []
+    forward = engine._forward
+
+    def counted(ids, slots):
+        calls.append(ids.shape)
+        return forward(ids, slots)
+
+    def draft(h, next_ids, slots):  # MTP at position i predicts token i + 2
+        logits = torch.zeros(*next_ids.shape, model.config.vocab_size)
+        for t, p in enumerate(slots.positions[0].tolist()):
+            logits[0, t, (seq[p + 2] + (0 if oracle_draft else 1)) % model.config.vocab_size] = 1
+        return logits
+
+    engine._forward, engine._draft = counted, draft
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False))[0]
+    assert out == seq[len(PROMPTS[0]):][:n]
+    m = engine.metrics()
+    if oracle_draft:
+        assert m["acceptance_rate"] == 1.0 and len(calls) == 1 + (n - 1 + 1) // 2
+    else:
+        assert m["accepted"] == 0 and len(calls) == n
+
+
+def test_seeded_sampling_does_not_depend_on_batch_companions(model):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3, stop_at_eos=False)
+    alone = Engine(model, LetterTokenizer(), max_batch=1).generate([PROMPTS[0]], params)[0]
+    engine = Engine(model, LetterTokenizer(), max_batch=4)
+    reqs = [engine.submit(p, params if i == 0 else SamplingParams(max_new_tokens=12, temperature=1.0, seed=i))
+            for i, p in enumerate(PROMPTS)]
+    for r in reqs:
+        r.result()
+    assert reqs[0].output_ids == alone
+    assert len({tuple(r.output_ids) for r in reqs}) > 1
+
+
+def test_streamed_deltas_add_up_and_stop_strings_cut(model):
+    engine = Engine(model, LetterTokenizer(), max_batch=2)
+    full = LetterTokenizer().decode(full_forward_greedy(model, PROMPTS[0], 10))
+    deltas = list(engine.submit(PROMPTS[0], GREEDY))
+    assert "".join(d.text for d in deltas) == full
+    assert sum(len(d.token_ids) for d in deltas) == 10 and deltas[-1].finish_reason == "length"
+    stop = full[4:6]
+    cut = full[: full.find(stop)]
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False, stop=(stop, "not-there"))
+    deltas = list(engine.submit(PROMPTS[0], params))
+    assert "".join(d.text for d in deltas) == cut and deltas[-1].finish_reason == "stop"
+
+
+def test_stop_token_ends_without_appearing(model):
+    out = full_forward_greedy(model, PROMPTS[2], 10)
+    engine = Engine(model, LetterTokenizer())
+    req = engine.submit(PROMPTS[2], GREEDY, stop_ids={out[3]})
+    req.result()
+    assert req.output_ids == out[: out.index(out[3])] and req.finish_reason == "stop"
+
+
+def test_repetition_penalty_matches_its_definition():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    got = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert torch.equal(got, torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    assert torch.equal(apply_repetition_penalty(logits, [0], 1.0), logits)
+
+
+def test_repetition_penalty_changes_greedy_choice(model):
+    engine = Engine(model, LetterTokenizer())
+    plain = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False))[0]
+    pen = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False,
+                                                        repetition_penalty=1e6))[0]
+    assert len(set(pen)) == 30 > len(set(plain))  # a huge penalty forbids every repeat
+
+
+def test_cancel_frees_the_slot_and_queue_waits(model):
+    engine = Engine(model, LetterTokenizer(), max_batch=1)
+    a = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=0, stop_at_eos=False))
+    b = engine.submit(PROMPTS[1], GREEDY)
+    engine.step()
+    assert engine.metrics()["waiting"] == 1 and engine.metrics()["free_slots"] == 0
+    a.cancel()
+    b.result()
+    assert a.finish_reason == "cancelled" and b.output_ids == full_forward_greedy(model, PROMPTS[1], 10)
+    assert engine.metrics()["free_slots"] == 1 and engine.metrics()["running"] == 0
+
+
+def test_background_thread_serves_concurrent_requests(model):
+    engine = Engine(model, LetterTokenizer(), max_batch=3).start()
+    try:
+        reqs = [engine.submit(p, GREEDY) for p in PROMPTS]
+        assert [r.result() and r.output_ids for r in reqs] == [full_forward_greedy(model, p, 10) for p in PROMPTS]
+    finally:
+        engine.stop()
+
+
+def test_requests_past_the_context_are_refused(model):
+    engine = Engine(model, LetterTokenizer())
+    with pytest.raises(LevanteError, match="context length"):
+        engine.submit([1] * 60, SamplingParams(max_new_tokens=10))
+    with pytest.raises(LevanteError, match="empty"):
+        engine.submit([], GREEDY)
+    with pytest.raises(LevanteError, match="repetition_penalty"):
+        engine.submit([1], SamplingParams(repetition_penalty=0))
+    with pytest.raises(LevanteError, match="MTP"):
+        Engine(Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                       n_routed_experts=0, first_k_dense_replace=1)),
+               LetterTokenizer(), speculative=True)
