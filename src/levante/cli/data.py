@@ -1,4 +1,4 @@
-"""Data verbs: `levante tokenizer train`, `levante tokenize`."""
+"""Data verbs: `levante data prepare`, `levante tokenizer train`, `levante tokenize`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,36 @@ from rich.table import Table
 from levante.cli.common import console
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare raw text for training.")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[Path] = typer.Argument(..., help="Files or directories (jsonl, jsonl.gz, jsonl.zst, parquet, txt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (never overwritten without --overwrite)."),
+    config: Path = typer.Option(None, "--config", "-c", help="data.toml: language ID, filters, PII, dedup."),
+    workers: int = typer.Option(1, help="Worker processes (the output is identical for any number)."),
+    license: str = typer.Option(None, "--license", help="Licence of inputs without a .license.json sidecar."),
+    text_field: str = typer.Option(None, "--text-field", help="Record field holding the text (default: text)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+):
+    """Language ID, quality filters, PII scrubbing, exact + near dedup, provenance, report and data card."""
+    from levante.data.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig.load(config)
+    if text_field:
+        cfg.text_field = text_field
+    report = prepare(inputs, out, cfg, workers=workers, license=license, overwrite=overwrite)
+    table = Table(title=f"{out}: kept {report['kept']:,} of {report['documents_in']:,} documents "
+                        f"({report['bytes_kept']:,} bytes) in {report['seconds']:.1f} s")
+    for col in ("lang", "kept", "bytes", "rejected", "duplicates"):
+        table.add_column(col, justify="right")
+    for lang, v in report["languages"].items():
+        table.add_row(lang, f"{v['kept']:,}", f"{v['bytes']:,}", f"{v['rejected']:,}", f"{v['duplicates']:,}")
+    console.print(table)
+    console.print(f"rejected: {report['rejected'] or 'none'}; duplicates: {report['duplicates_by_kind'] or 'none'}; "
+                  f"PII replaced: {report['pii'] or 'none'}; excluded inputs: {len(report['excluded_inputs'])}")
+    console.print(f"report: {out / 'report.html'}  data card: {out / 'DATACARD.md'}")
 
 
 @tokenizer_app.command("train")
@@ -67,4 +97,5 @@ def tokenize(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(tokenizer_app, name="tokenizer")
+    app.add_typer(data_app, name="data")
     app.command()(tokenize)

@@ -136,6 +136,18 @@ def _dup_ngram_fraction(words: list[str], n: int, total_chars: int) -> float:
     return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total_chars
 
 
+def check_length(text: str, config: FilterConfig) -> str | None:
+    """The language-independent length rules of the default table, for use before language ID."""
+    if not config.enabled:
+        return None
+    r = config.default
+    if len(text) < min([r.min_chars, *(o.get("min_chars", r.min_chars) for o in config.lang.values())]):
+        return "too short"
+    if r.max_chars and len(text) > max([r.max_chars, *(o.get("max_chars", r.max_chars) for o in config.lang.values())]):
+        return "too long"
+    return None
+
+
 def check(text: str, lang: str, config: FilterConfig) -> str | None:
     """The reason `text` fails the quality rules for `lang`, or None when it passes."""
     if not config.enabled:
