@@ -22,6 +22,7 @@ def data_prepare(
     license: str = typer.Option(None, "--license", help="Licence of inputs without a .license.json sidecar."),
     text_field: str = typer.Option(None, "--text-field", help="Record field holding the text (default: text)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    engine: str = typer.Option("local", help="local (process pool) or datatrove (its LocalPipelineExecutor)."),
 ):
     """Language ID, quality filters, PII scrubbing, exact + near dedup, provenance, report and data card."""
     from levante.data.prepare import PrepareConfig, prepare
@@ -29,7 +30,8 @@ def data_prepare(
     cfg = PrepareConfig.load(config)
     if text_field:
         cfg.text_field = text_field
-    report = prepare(inputs, out, cfg, workers=workers, license=license, overwrite=overwrite)
+    report = prepare(inputs, out, cfg, workers=workers, license=license, overwrite=overwrite,
+                     engine=engine)
     table = Table(title=f"{out}: kept {report['kept']:,} of {report['documents_in']:,} documents "
                         f"({report['bytes_kept']:,} bytes) in {report['seconds']:.1f} s")
     for col in ("lang", "kept", "bytes", "rejected", "duplicates"):

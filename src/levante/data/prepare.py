@@ -225,44 +225,85 @@ class _ShardWriter:
             self._z = self._f = None
 
 
-def prepare(inputs: list[str | Path], out_dir: str | Path, config: PrepareConfig | None = None, *,
-            workers: int = 1, license: str | None = None, overwrite: bool = False) -> dict:
-    """Run the pipeline; returns the report (also written to DIR/report.json)."""
+def process_task(task: Task, cfg: PrepareConfig, scratch: str | Path) -> None:
+    """Run one task and leave its results in `scratch` (the .json written last marks it complete)."""
+    res = _process((task, cfg, str(scratch)))
+    stem = Path(scratch) / f"{task.index:06d}"
+    np.savez(f"{stem}.npz", keys=res.pop("keys"), sigs=res.pop("sigs"))
+    atomic_write_text(f"{stem}.json", json.dumps(res))
+
+
+def _load_result(scratch: Path, index: int) -> dict:
+    stem = scratch / f"{index:06d}"
+    try:
+        res = json.loads(Path(f"{stem}.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LevanteError(f"task {index} left no result in {scratch}: did a worker fail?") from None
+    with np.load(f"{stem}.npz") as z:
+        res["keys"], res["sigs"] = z["keys"], z["sigs"]
+    return res
+
+
+def finalize(stage: Path, scratch: Path, tasks: list[Task], excluded: list[dict], cfg: PrepareConfig,
+             started: float) -> dict:
+    """The global step: dedup over every task's results in input order, then shards, report, card."""
     from levante.data.datacard import write_datacard, write_html
 
+    results = [_load_result(scratch, t.index) for t in tasks]
+    keys = [bytes(k) for r in results for k in r["keys"]]
+    sigs = np.concatenate([r["sigs"] for r in results]) if cfg.dedup.near and keys else None
+    survivor, dup_reason, cluster = deduplicate(keys, sigs, cfg.dedup)
+    report = _write_outputs(stage, scratch, tasks, results, survivor, dup_reason, cluster, cfg)
+    report.update({"format": FORMAT, "version": VERSION, "excluded_inputs": excluded,
+                   "inputs": [{"source": t.source, "license": t.license} for t in tasks],
+                   "config": dataclasses.asdict(cfg)})
+    atomic_write_text(stage / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    write_html(stage / "report.html", report)
+    write_datacard(stage / "DATACARD.md", report, created=created)
+    report.update({"seconds": round(time.time() - started, 2), "created": created})  # not in report.json:
+    return report  # the data files stay byte-stable from run to run
+
+
+def _run_task(args) -> None:
+    process_task(*args)
+
+
+def prepare(inputs: list[str | Path], out_dir: str | Path, config: PrepareConfig | None = None, *,
+            workers: int = 1, license: str | None = None, overwrite: bool = False,
+            engine: str = "local") -> dict:
+    """Run the pipeline; returns the report (also written to DIR/report.json).
+
+    engine "local": a process pool; "datatrove": the same tasks under datatrove's
+    LocalPipelineExecutor (see levante.data.engine for its Slurm form)."""
     cfg = dataclasses.replace(config or PrepareConfig())
     if license is not None:
         cfg.license = license
     cfg.validate()
+    if workers < 1:
+        raise LevanteError("--workers must be >= 1")
+    if engine not in ("local", "datatrove"):
+        raise LevanteError(f"unknown engine {engine!r}: choose local or datatrove")
     out_dir = Path(out_dir)
     refuse_non_empty(out_dir, overwrite)
     tasks, excluded = plan_tasks(inputs, cfg.license)
-    if workers < 1:
-        raise LevanteError("--workers must be >= 1")
     started = time.time()
     with staged_dir(out_dir) as stage:
         scratch = stage / ".scratch"
         scratch.mkdir()
-        jobs = [(t, cfg, str(scratch)) for t in tasks]
-        if workers == 1 or len(tasks) <= 1:
-            results = [_process(j) for j in jobs]
+        if engine == "datatrove":
+            from levante.data.engine import run_datatrove_local
+
+            run_datatrove_local(tasks, cfg, scratch, workers)
+        elif workers == 1 or len(tasks) <= 1:
+            for t in tasks:
+                process_task(t, cfg, scratch)
         else:
             with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-                results = list(pool.imap(_process, jobs))  # ordered: merge in input order
-        keys = [bytes(k) for r in results for k in r["keys"]]
-        sigs = np.concatenate([r["sigs"] for r in results]) if cfg.dedup.near and keys else None
-        survivor, dup_reason, cluster = deduplicate(keys, sigs, cfg.dedup)
-        report = _write_outputs(stage, scratch, tasks, results, survivor, dup_reason, cluster, cfg)
+                for _ in pool.imap_unordered(_run_task, [(t, cfg, scratch) for t in tasks]):
+                    pass  # results are on disk; finalize reads them in input order
+        report = finalize(stage, scratch, tasks, excluded, cfg, started)
         shutil.rmtree(scratch)
-        report.update({"format": FORMAT, "version": VERSION, "excluded_inputs": excluded,
-                       "inputs": [{"source": t.source, "license": t.license} for t in tasks],
-                       "config": dataclasses.asdict(cfg), "seconds": round(time.time() - started, 2),
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))})
-        timing = {k: report.pop(k) for k in ("seconds", "created")}  # the data files stay byte-stable
-        atomic_write_text(stage / "report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-        write_html(stage / "report.html", report)
-        write_datacard(stage / "DATACARD.md", report, created=timing["created"])
-        report.update(timing)
     return report
 
 
