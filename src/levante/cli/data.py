@@ -75,6 +75,43 @@ def tokenizer_train(
     console.print(table)
 
 
+@tokenizer_app.command("report")
+def tokenizer_report(
+    tokenizer: Path = typer.Argument(..., help="tokenizer.json (or its directory)."),
+    parallel: Path = typer.Option(..., "--parallel", help="Folder of line-aligned <lang>.txt files (FLORES)."),
+    reference: str = typer.Option("en", help="Language the premium is relative to."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    chart: Path = typer.Option(None, "--chart", help="Write a bar chart of the premium (PNG)."),
+):
+    """Per language tokens/word, bytes/token and the token premium over the reference (Petrov et al. 2023)."""
+    import json
+
+    from levante.errors import LevanteError
+    from levante.tokenizer.parity import parallel_summary, parity_report, premium_chart
+
+    if tokenizer.is_dir():
+        tokenizer = tokenizer / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise LevanteError(f"tokenizer not found: {tokenizer}")
+    result = parity_report(tokenizer, [parallel], reference)
+    if reference not in result:
+        raise LevanteError(f"{parallel} holds no {reference} file: the premium needs the reference language")
+    summary = parallel_summary(result, reference)
+    if chart is not None:
+        premium_chart(summary, chart)
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    table = Table(title=f"{tokenizer} on {parallel}: mean premium {summary['mean_premium']}, "
+                        f"worst {summary['max_premium']}")
+    for col in ("lang", "tokens", "tokens/word", "bytes/token", f"premium vs {reference}"):
+        table.add_column(col, justify="right")
+    for lang, r in summary["languages"].items():
+        table.add_row(lang, f"{r['tokens']:,}", f"{r['tokens_per_word']:.3f}", f"{r['bytes_per_token']:.3f}",
+                      f"{r['premium']:.3f}")
+    console.print(table)
+
+
 def tokenize(
     data: list[Path] = typer.Argument(..., help="Corpus files or directories."),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
