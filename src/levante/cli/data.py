@@ -54,6 +54,8 @@ def tokenizer_train(
     seed: int = typer.Option(0),
     eval_data: list[Path] = typer.Option(None, "--eval", help="Held-out files for the fertility report."),
     overwrite: bool = typer.Option(False, help="Replace an existing tokenizer at --out."),
+    parity: Path = typer.Option(None, "--parity", help="Parity-aware BPE: folder of line-aligned <lang>.txt "
+                                "files; each merge goes to the language with the most tokens on them."),
 ):
     """Train a language-balanced byte-level BPE tokenizer and report per-language fertility."""
     from levante.data.readers import bundled_corpus
@@ -62,7 +64,7 @@ def tokenizer_train(
     paths = data or bundled_corpus("train")
     report = train_tokenizer(paths, out, vocab_size, alpha=alpha, seed=seed,
                              eval_paths=eval_data or (None if data else bundled_corpus("valid")),
-                             overwrite=overwrite)
+                             overwrite=overwrite, parity_paths=[parity] if parity else None)
     table = Table(title=f"tokenizer {report.path} ({report.vocab_size} tokens, sha256 {report.sha256[:12]})")
     for col in ("lang", "docs", "bytes", "natural share", "sampled share", "tokens/byte", "parity vs en"):
         table.add_column(col, justify="right")
