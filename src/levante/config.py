@@ -348,6 +348,10 @@ class DataConfig:
     train: str = ""  # token-shard directory written by `levante tokenize`
     valid: str = ""  # held-out shard directory (optional)
     seq_len: int = 256
+    # Language mixture: p(lang) ∝ windows(lang) ** mix_temperature (1 = natural, 0 = uniform), or
+    # ∝ mix_weights[lang] when given (languages not named are not sampled).
+    mix_temperature: float = 1.0
+    mix_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -430,6 +434,9 @@ class TrainConfig:
         self.model.validate()
         checks = [
             (self.data.seq_len > 0, "data.seq_len must be positive"),
+            (self.data.mix_temperature >= 0, "data.mix_temperature must be >= 0"),
+            (all(isinstance(w, (int, float)) and w >= 0 for w in self.data.mix_weights.values()),
+             "data.mix_weights must be non-negative numbers"),
             (self.data.seq_len <= self.model.max_position_embeddings,
              f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
              f"({self.model.max_position_embeddings})"),

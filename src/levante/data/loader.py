@@ -29,9 +29,34 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def mixture_probabilities(windows_per_lang: dict[str, int], temperature: float = 1.0,
+                          weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Sampling probability per language: p ∝ weights[lang] when weights are given (languages not
+    named get 0), else p ∝ n_lang ** temperature (1: natural shares, 0: uniform)."""
+    if weights:
+        unknown = sorted(set(weights) - set(windows_per_lang))
+        if unknown:
+            raise LevanteError(f"data.mix_weights names languages the shards do not hold: {', '.join(unknown)}")
+        raw = {lang: float(weights.get(lang, 0.0)) for lang in windows_per_lang}
+    else:
+        raw = {lang: float(n) ** temperature for lang, n in windows_per_lang.items() if n > 0}
+    total = sum(raw.values())
+    if total <= 0:
+        raise LevanteError("data mixture: every language has weight 0")
+    return {lang: w / total for lang, w in sorted(raw.items())}
+
+
+def _largest_remainder(probs: dict[str, float], total: int) -> dict[str, int]:
+    exact = {k: p * total for k, p in probs.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
 class TokenLoader:
     def __init__(self, shards: Shards, seq_len: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, mix_temperature: float = 1.0, mix_weights: dict[str, float] | None = None):
         self.shards = shards
         self.seq_len = _positive_int("seq_len", seq_len)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -53,14 +78,49 @@ class TokenLoader:
         self.last_windows = np.zeros(0, dtype=np.int64)  # window ids of the latest batch
         self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
         self._doc_cols: tuple[np.ndarray, np.ndarray] | None = None
+        # Language mixture: each window belongs to the language of its first label's document; an
+        # epoch holds num_windows windows drawn per language in proportion to `self.mixture`
+        # (up-sampled languages repeat, down-sampled ones get a fresh subset every epoch).
+        self.window_lang = self._window_langs()
+        counts = np.bincount(self.window_lang, minlength=len(shards.langs))
+        self.windows_per_lang = {lang: int(counts[i]) for i, lang in enumerate(shards.langs) if counts[i]}
+        natural = mix_temperature == 1.0 and not mix_weights
+        self.mixture = None if natural else mixture_probabilities(self.windows_per_lang, mix_temperature, mix_weights)
+        self._mix_seen = np.zeros(len(shards.langs), dtype=np.int64)
 
     @property
     def batches_per_epoch(self) -> float:
         return self.windows_per_rank / self.batch_size
 
+    def _window_langs(self) -> np.ndarray:
+        starts = np.arange(self.num_windows, dtype=np.int64) * self.seq_len + 1
+        offsets = np.ascontiguousarray(self.shards.docs[:, OFFSET])
+        return np.ascontiguousarray(self.shards.docs[:, LANG])[np.searchsorted(offsets, starts, side="right") - 1]
+
+    def _epoch_windows(self, epoch: int) -> np.ndarray:
+        """The epoch's window order: a permutation of all windows, or of the mixture's draw."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.mixture is None:
+            return rng.permutation(self.num_windows)
+        parts = []
+        codes = {lang: i for i, lang in enumerate(self.shards.langs)}
+        for lang, k in _largest_remainder(self.mixture, self.num_windows).items():
+            pool = np.nonzero(self.window_lang == codes[lang])[0]
+            if k and len(pool):
+                reps = -(-k // len(pool))
+                parts.append(np.concatenate([rng.permutation(pool) for _ in range(reps)])[:k])
+        drawn = np.concatenate(parts)
+        return drawn[rng.permutation(len(drawn))]
+
+    def pop_mix(self) -> dict[str, float]:
+        """Realised language shares of the windows served since the last call (for metrics.jsonl)."""
+        seen, self._mix_seen = self._mix_seen, np.zeros_like(self._mix_seen)
+        total = max(int(seen.sum()), 1)
+        return {lang: round(int(seen[i]) / total, 4) for i, lang in enumerate(self.shards.langs) if seen[i]}
+
     def _rank_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            perm = self._epoch_windows(epoch)
             self._order = perm[: self.windows_per_rank * self.world_size][self.rank :: self.world_size]
             self._order_epoch = epoch
         return self._order
@@ -76,6 +136,7 @@ class TokenLoader:
             if self.position == self.windows_per_rank:
                 self.epoch, self.position = self.epoch + 1, 0
         self.last_windows = np.concatenate(parts)
+        self._mix_seen += np.bincount(self.window_lang[self.last_windows], minlength=len(self._mix_seen))
         idx = self.last_windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         x = torch.from_numpy(self.shards.tokens[idx].astype(np.int64))
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -100,8 +161,11 @@ class TokenLoader:
     # -- exact resume
 
     def _identity(self) -> dict:
-        return {"seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
-                "num_tokens": self.shards.num_tokens}
+        ident = {"seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
+                 "num_tokens": self.shards.num_tokens}
+        if self.mixture is not None:  # natural order keeps the old state layout
+            ident["mixture"] = {k: round(v, 6) for k, v in self.mixture.items()}
+        return ident
 
     def state_dict(self) -> dict:
         """JSON-able; the same on every rank. Batch size may change across a resume."""

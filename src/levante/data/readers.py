@@ -9,13 +9,12 @@ file without a `text` column, a truncated archive) raise `LevanteError` with a o
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 UNKNOWN_LANG = "und"  # ISO 639-2 "undetermined": the bucket for documents without a language
 SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
 SPLITS = ("train", "valid")
+PREPARED_MARK, PREPARED_DOCS = "report.json", "docs"  # the layout `levante data prepare` writes
 
 # A language code is 2-3 lowercase letters; these common file/dir names look like codes but are not.
 _LANG_RE = re.compile(r"^[a-z]{2,3}$")
@@ -38,6 +38,7 @@ _MAX_LOGGED = 5  # per reason and file: enough to find the bad lines without flo
 class Document:
     text: str
     lang: str | None
+    record: int = field(default=0, compare=False)  # jsonl line / parquet row / txt first line
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ReadStats:
     documents: int = 0
     bytes: int = 0
     rejected: Counter = field(default_factory=Counter)
+    text_field: str = "text"  # the record field (jsonl key, parquet column) that holds the text
+    on_reject: Callable[[str, str], None] | None = None  # (reason, where) for every rejected record
 
     @property
     def num_rejected(self) -> int:
@@ -55,6 +58,8 @@ class ReadStats:
 
     def reject(self, reason: str, where: str) -> None:
         self.rejected[reason] += 1
+        if self.on_reject is not None:
+            self.on_reject(reason, where)
         if self.rejected[reason] <= _MAX_LOGGED:
             log.warning("rejected record (%s) at %s", reason, where)
 
@@ -84,6 +89,8 @@ def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
         paths = [paths]
     files: list[Path] = []
     for p in map(Path, paths):
+        if p.is_dir() and (p / PREPARED_MARK).is_file() and (p / PREPARED_DOCS).is_dir():
+            p = p / PREPARED_DOCS  # a `levante data prepare` output: its kept documents, not its rejects
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
@@ -101,13 +108,35 @@ def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     return files
 
 
-def _open_zst(path: Path):
+def _zst_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd file, streamed. zstandard's stream_reader returns nothing, without
+    an error, for a truncated frame: decompress frame by frame and insist the last one is complete."""
     try:
         import zstandard
     except ImportError:
         raise LevanteError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-    # read_across_frames: files written by parallel compressors hold many frames
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+    dctx = zstandard.ZstdDecompressor()
+    dobj, pending, fed = dctx.decompressobj(), b"", False
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            while chunk:
+                fed = True
+                try:
+                    out = dobj.decompress(chunk)
+                except zstandard.ZstdError as e:
+                    raise LevanteError(f"{path}: truncated or corrupt archive ({e})") from None
+                chunk = dobj.unused_data if dobj.eof else b""
+                if dobj.eof:
+                    dobj, fed = dctx.decompressobj(), False
+                lines = (pending + out).split(b"\n")
+                pending = lines.pop()
+                yield from (line + b"\n" for line in lines)
+    if fed:  # bytes went into a frame that never ended
+        if pending:
+            yield pending  # the readable part of a cut line: it will be counted as malformed
+        raise LevanteError(f"{path}: truncated or corrupt archive (zstd frame incomplete)")
+    if pending:
+        yield pending
 
 
 def _valid_text(text, stats: ReadStats, where: str) -> str | None:
@@ -132,6 +161,8 @@ def _read_jsonl(path: Path, raw, stats: ReadStats) -> Iterator[Document]:
         where = f"{path}:{lineno}"
         if not line.strip():
             continue  # blank lines are layout, not records
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark is an editor's artefact, not part of the record
         try:
             record = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
@@ -143,11 +174,11 @@ def _read_jsonl(path: Path, raw, stats: ReadStats) -> Iterator[Document]:
         if not isinstance(record, dict):
             stats.reject("record is not an object", where)
             continue
-        text = _valid_text(record.get("text"), stats, where)
+        text = _valid_text(record.get(stats.text_field), stats, where)
         if text is None:
             continue
         lang = record.get("lang")
-        yield Document(text, lang if isinstance(lang, str) and lang else default_lang)
+        yield Document(text, lang if isinstance(lang, str) and lang else default_lang, lineno)
 
 
 def _read_parquet(path: Path, stats: ReadStats) -> Iterator[Document]:
@@ -159,20 +190,21 @@ def _read_parquet(path: Path, stats: ReadStats) -> Iterator[Document]:
     except (pa.ArrowException, OSError) as e:
         raise LevanteError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     names = pf.schema_arrow.names
-    if "text" not in names:
-        raise LevanteError(f"{path}: parquet file has no 'text' column (columns: {', '.join(names)})")
-    columns = ["text"] + (["lang"] if "lang" in names else [])
+    field_name = stats.text_field
+    if field_name not in names:
+        raise LevanteError(f"{path}: parquet file has no '{field_name}' column (columns: {', '.join(names)})")
+    columns = [field_name] + (["lang"] if "lang" in names and field_name != "lang" else [])
     default_lang = lang_from_path(path)
     row = 0
     try:
         for batch in pf.iter_batches(columns=columns, batch_size=4096):
-            texts = batch.column("text").to_pylist()
+            texts = batch.column(field_name).to_pylist()
             langs = batch.column("lang").to_pylist() if "lang" in columns else [None] * len(texts)
             for text, lang in zip(texts, langs, strict=True):
                 row += 1
                 text = _valid_text(text, stats, f"{path} row {row}")
                 if text is not None:
-                    yield Document(text, lang if isinstance(lang, str) and lang else default_lang)
+                    yield Document(text, lang if isinstance(lang, str) and lang else default_lang, row)
     except pa.ArrowException as e:
         raise LevanteError(f"{path}: corrupt parquet data ({str(e).splitlines()[0]})") from None
 
@@ -184,6 +216,8 @@ def _read_txt(path: Path, stats: ReadStats) -> Iterator[Document]:
     start = 1
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -194,16 +228,21 @@ def _read_txt(path: Path, stats: ReadStats) -> Iterator[Document]:
                     start = lineno
                 para.append(line)
             elif para:
-                yield from _txt_doc(para, lang, stats, f"{path}:{start}")
+                yield from _txt_doc(para, lang, stats, path, start)
                 para = []
         if para:
-            yield from _txt_doc(para, lang, stats, f"{path}:{start}")
+            yield from _txt_doc(para, lang, stats, path, start)
 
 
-def _txt_doc(lines: list[str], lang, stats, where) -> Iterator[Document]:
-    text = _valid_text("".join(lines).rstrip("\r\n"), stats, where)
+def _txt_doc(lines: list[str], lang, stats, path, start: int) -> Iterator[Document]:
+    text = _valid_text("".join(lines).rstrip("\r\n"), stats, f"{path}:{start}")
     if text is not None:
-        yield Document(text, lang)
+        yield Document(text, lang, start)
+
+
+def read_file(path: Path, stats: ReadStats) -> Iterator[Document]:
+    """The documents of one supported file (LevanteError on a truncated archive or unreadable parquet)."""
+    return _read_file(path, stats)
 
 
 def _read_file(path: Path, stats: ReadStats) -> Iterator[Document]:
@@ -214,16 +253,15 @@ def _read_file(path: Path, stats: ReadStats) -> Iterator[Document]:
     elif kind == ".txt":
         yield from _read_txt(path, stats)
     else:
-        opener = {".jsonl": lambda p: open(p, "rb"), ".jsonl.gz": gzip.open, ".jsonl.zst": _open_zst}[kind]
+        if kind == ".jsonl.zst":
+            yield from _read_jsonl(path, _zst_lines(path), stats)
+            return
+        opener = {".jsonl": lambda p: open(p, "rb"), ".jsonl.gz": gzip.open}[kind]
         try:
             with opener(path) as raw:
-                yield from _read_jsonl(path, io.BufferedReader(raw) if kind == ".jsonl.zst" else raw, stats)
+                yield from _read_jsonl(path, raw, stats)
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise LevanteError(f"{path}: truncated or corrupt archive ({e})") from None
-        except Exception as e:  # zstandard raises its own ZstdError type
-            if type(e).__name__ == "ZstdError":
-                raise LevanteError(f"{path}: truncated or corrupt archive ({e})") from None
-            raise
 
 
 def read_documents(paths, stats: ReadStats | None = None) -> Iterator[Document]:

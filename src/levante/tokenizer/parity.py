@@ -66,3 +66,37 @@ def parity_report(tokenizer_path, paths, reference: str = "en") -> dict[str, Fer
     """Fertility, parity and token premium on parallel files, e.g. `flores/dev/<lang>.txt`."""
     return fertility(LevanteTokenizer(tokenizer_path), read_documents(paths, ReadStats()),
                      reference, parallel=True)
+
+
+def parallel_summary(result: dict[str, Fertility], reference: str = "en") -> dict:
+    """Rows for the `tokenizer report --parallel` table / JSON, plus the mean and worst premium over
+    the non-reference languages (the parity target is mean <= 1.15, none above 1.4)."""
+    rows = {lang: {"tokens": f.tokens, "words": f.words, "bytes": f.bytes,
+                   "tokens_per_word": round(f.tokens_per_word, 4),
+                   "bytes_per_token": round(f.bytes / max(f.tokens, 1), 4),
+                   "premium": None if f.premium is None else round(f.premium, 4)}
+            for lang, f in result.items()}
+    others = {k: v["premium"] for k, v in rows.items() if k != reference and v["premium"] is not None}
+    worst = max(others, key=others.get) if others else None
+    return {"reference": reference, "languages": rows, "total_tokens": sum(f.tokens for f in result.values()),
+            "mean_premium": round(sum(others.values()) / len(others), 4) if others else None,
+            "max_premium": {"lang": worst, "premium": others[worst]} if worst else None}
+
+
+def premium_chart(summary: dict, path) -> None:
+    """Bar chart of the token premium per language (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = sorted(summary["languages"], key=lambda k: summary["languages"][k]["premium"] or 0)
+    values = [summary["languages"][k]["premium"] or 0 for k in langs]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(langs) + 2), 3.2))
+    ax.bar(langs, values, color=["#c44" if v > 1.4 else "#48a" for v in values])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel(f"tokens / tokens({summary['reference']})")
+    ax.set_title(f"token premium on parallel text (mean {summary['mean_premium']})")
+    ax.tick_params(axis="x", rotation=60 if len(langs) > 8 else 0)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -98,12 +98,15 @@ def _check_vocab_size(vocab_size: int) -> None:
 
 
 def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float = 0.3, seed: int = 0,
-                    max_bytes_per_lang: int | None = None, eval_paths=None, overwrite: bool = False) -> TrainReport:
+                    max_bytes_per_lang: int | None = None, eval_paths=None, overwrite: bool = False,
+                    parity_paths=None) -> TrainReport:
     """Train byte-level BPE on `paths`, save `tokenizer.json` (+ HF side files) and report.
 
     `out_path` is a directory, or a `*.json` file path whose directory gets the side files.
     `max_bytes_per_lang` stops reading a language once that many bytes are in (bounds memory).
     `eval_paths` (held-out files) give the per-language fertility / parity in the report.
+    `parity_paths` (line-aligned `<lang>.txt` files) switch to parity-aware BPE: each merge is taken
+    from the language with the most tokens on that parallel text (levante.tokenizer.parity_bpe).
     """
     _check_vocab_size(vocab_size)
     if not 0.0 <= alpha <= 1.0:
@@ -152,14 +155,27 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
             for start in range(0, len(idx), 1000):
                 yield [texts[lang][i] for i in idx[start:start + 1000]]
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if parity_paths:
+        from levante.tokenizer.parity_bpe import build_tokenizer, train_parity_bpe, word_counts
+
+        train_words = {lang: word_counts(texts[lang][i] for i in picks[lang]) for lang in seen}
+        dev_docs: dict[str, list[str]] = {}
+        for doc in read_documents(parity_paths, ReadStats()):
+            dev_docs.setdefault(doc.lang or UNKNOWN_LANG, []).append(doc.text)
+        dev_words = {lang: word_counts(t) for lang, t in dev_docs.items() if lang in seen}
+        if not dev_words:
+            raise LevanteError("the parity texts share no language with the training corpus")
+        merges = train_parity_bpe(train_words, dev_words, int(vocab_size) - len(SPECIAL_TOKENS) - 256)
+        tok = build_tokenizer(merges, list(SPECIAL_TOKENS))
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=2, show_progress=False,
+                                      special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(batches(), trainer)
     tok.post_processor = document_post_processor()
-    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=2, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(batches(), trainer)
     for want, special in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(special) == want, f"{special} got id {tok.token_to_id(special)}"
     if tok.get_vocab_size() < vocab_size:

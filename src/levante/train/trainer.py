@@ -111,7 +111,8 @@ class Trainer:
         self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
                                 enabled=cfg.run.skip_spikes)
         self.loader = (self.task.loader if self.task else
-                       TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed))
+                       TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed,
+                                   mix_temperature=cfg.data.mix_temperature, mix_weights=cfg.data.mix_weights))
         # Periodic evals score whole held-out documents, up to eval_batches batches per language.
         self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len,
                                                 max_windows_per_lang=cfg.run.eval_batches * cfg.run.micro_batch_size)
@@ -181,6 +182,7 @@ class Trainer:
         if per_language:
             record.update(self.balancer.stats())
             record["loss_per_language"] = lang_loss
+            record["mix"] = self.loader.pop_mix()  # realised language shares of the windows since the last log
         if not self.guard.enabled and not math.isfinite(grad_norm):
             raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
                                "(lower the learning rate, or enable run.skip_spikes)")

@@ -1,0 +1,136 @@
+"""`levante tokenizer report --parallel`: premiums checked against the tokenizers library counting
+the same text itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+SHARED = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else \
+    Path(__file__).resolve().parents[2] / "shared" / "data"
+
+EN = "The dog runs home.\nThe fox sleeps under the old tree.\n"
+DE = "Der Hund läuft nach Hause.\nDer Fuchs schläft unter dem alten Baum.\n"
+EL = "Ο σκύλος τρέχει σπίτι.\nΗ αλεπού κοιμάται κάτω από το παλιό δέντρο.\n"
+
+
+def test_report_json_table_and_chart(run_levante, tiny_workspace, tmp_path):
+    par = tmp_path / "par"
+    par.mkdir()
+    for lang, text in {"en": EN, "de": DE, "el": EL}.items():
+        (par / f"{lang}.txt").write_text(text, encoding="utf-8")
+    r = run_levante("tokenizer", "report", tiny_workspace.tokenizer, "--parallel", par, "--json",
+                    "--chart", tmp_path / "premium.png")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    hf = Tokenizer.from_file(str(tiny_workspace.tokenizer))
+    tokens = {lang: len(hf.encode(t.rstrip("\n"), add_special_tokens=False).ids)
+              for lang, t in {"en": EN, "de": DE, "el": EL}.items()}
+    for lang in tokens:
+        row = summary["languages"][lang]
+        assert row["tokens"] == tokens[lang]
+        assert abs(row["premium"] - tokens[lang] / tokens["en"]) < 1e-3
+        assert abs(row["bytes_per_token"] - len((EN, DE, EL)[("en", "de", "el").index(lang)].rstrip("\n")
+                                                    .encode()) / tokens[lang]) < 1e-3
+    assert summary["max_premium"]["lang"] == max(("de", "el"), key=lambda k: tokens[k])
+    assert (tmp_path / "premium.png").read_bytes()[:4] == b"\x89PNG"
+    table = run_levante("tokenizer", "report", tiny_workspace.tokenizer, "--parallel", par)
+    assert table.returncode == 0 and "premium vs en" in table.stdout
+    bad = run_levante("tokenizer", "report", tmp_path / "nope.json", "--parallel", par)
+    assert bad.returncode == 2 and "tokenizer not found" in bad.stderr
+
+
+# ------------------------------------------------------------------------------ parity-aware BPE
+
+
+def _naive_bpe(counts, num_merges):
+    """Textbook BPE, recounting every pair from scratch each step (the oracle for one language)."""
+    from collections import Counter
+
+    words = {tuple(w): c for w, c in counts.items()}
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for sym, c in words.items():
+            for p in zip(sym, sym[1:], strict=False):
+                pairs[p] += c
+        if not pairs:
+            break
+        top = max(pairs.values())
+        if top < 2:
+            break
+        pick = min(p for p, c in pairs.items() if c == top)
+        merges.append(pick)
+        new_words = {}
+        for sym, c in words.items():
+            out, k = [], 0
+            while k < len(sym):
+                if k + 1 < len(sym) and (sym[k], sym[k + 1]) == pick:
+                    out.append(sym[k] + sym[k + 1])
+                    k += 2
+                else:
+                    out.append(sym[k])
+                    k += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + c
+        words = new_words
+    return merges, words
+
+
+TEXT = ("the cat sat on the mat and the dog sat on the log; the cats and the dogs ran to the barn "
+        "where a farmer fed them bread and water every morning before the sun rose over the hills")
+
+
+def test_one_language_equals_textbook_bpe_and_hf_encodes_as_trained():
+    from levante.tokenizer.parity_bpe import build_tokenizer, train_parity_bpe, word_counts
+    from levante.tokenizer.tokenizer import SPECIAL_TOKENS
+
+    counts = word_counts([TEXT * 3])
+    merges = train_parity_bpe({"en": counts}, {"en": counts}, 60)
+    want, segmented = _naive_bpe(counts, 60)
+    assert merges == want
+    tok = build_tokenizer(merges, list(SPECIAL_TOKENS))
+    from tokenizers import pre_tokenizers
+
+    pieces = []
+    for piece, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(TEXT):
+        pieces += next(list(s) for s in segmented if "".join(s) == piece)
+    assert tok.encode(TEXT, add_special_tokens=False).tokens == pieces
+
+
+def test_merges_go_to_the_worst_compressed_language():
+    from levante.tokenizer.parity_bpe import train_parity_bpe, word_counts
+
+    big = word_counts(["the cat sat on the mat " * 200])
+    small = word_counts(["ο σκύλος τρέχει σπίτι " * 5])
+    merges = train_parity_bpe({"en": big, "el": small}, {"en": word_counts(["the cat"]),
+                                                       "el": word_counts(["ο σκύλος"])}, 40)
+    # plain BPE would spend every early merge on English (40x the data); Greek, with two bytes per
+    # letter and so the most tokens on the parallel line, gets the first merge
+    first = merges[0][0] + merges[0][1]
+    assert not first.isascii()
+    assert any(m[0].isascii() for m in merges)  # and English gets merges once Greek has caught up
+
+
+@pytest.mark.skipif(not (SHARED / "flores").is_dir(), reason="../shared/data not present")
+def test_parity_mode_lowers_the_worst_premium_on_held_out_parallel_text(tmp_path):
+    import shutil
+
+    from levante.tokenizer import train_tokenizer
+    from levante.tokenizer.parity import parallel_summary, parity_report
+
+    src, dev, test = tmp_path / "src", tmp_path / "dev", tmp_path / "test"
+    for d in (src, dev, test):
+        d.mkdir()
+    for lang in ("en", "el", "de"):
+        shutil.copy(SHARED / "corpus" / lang / "train.jsonl", src / f"{lang}.train.jsonl")
+        (dev / f"{lang}.txt").write_text("\n".join((SHARED / "flores" / "dev" / f"{lang}.txt")
+                                                   .read_text(encoding="utf-8").splitlines()[:300]))
+        shutil.copy(SHARED / "flores" / "devtest" / f"{lang}.txt", test / f"{lang}.txt")
+    out = {}
+    for mode, parity in (("plain", None), ("parity", [dev])):
+        r = train_tokenizer([src], tmp_path / mode, 700, max_bytes_per_lang=60_000, parity_paths=parity)
+        out[mode] = parallel_summary(parity_report(r.path, [test]))
+    assert out["parity"]["max_premium"]["premium"] < out["plain"]["max_premium"]["premium"] - 0.1, out
