@@ -182,7 +182,8 @@ class Trainer:
         if per_language:
             record.update(self.balancer.stats())
             record["loss_per_language"] = lang_loss
-            record["mix"] = self.loader.pop_mix()  # realised language shares of the windows since the last log
+            if isinstance(self.loader, TokenLoader):  # realised language shares of the windows since the last log
+                record["mix"] = self.loader.pop_mix()
         if not self.guard.enabled and not math.isfinite(grad_norm):
             raise LevanteError(f"gradient norm is {grad_norm} at step {self.step + 1}: training diverged "
                                "(lower the learning rate, or enable run.skip_spikes)")
