@@ -100,6 +100,9 @@ class Dist:
         if error is not None:
             raise LevanteError(error)
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any: gloo aborts the process at exit when it is left alive."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
