@@ -45,21 +45,29 @@ def assert_close(a: float, b: float, what: str, rtol: float) -> None:
     assert abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12), f"{what}: {a} vs {b}"
 
 
-def config(ws, path: Path, micro: int, optim: str, **run) -> Path:
-    return ws.write_config(path, model={"num_nextn_predict_layers": 1},
-                           optim={"name": optim},
+def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None) -> Path:
+    path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim={"name": optim},
                            run={"steps": STEPS, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
-                                "log_every": 1, **run})
+                                "log_every": 1})
+    if parallel:  # TinyWorkspace.write_config knows the five classic tables only
+        path.write_text(path.read_text() + "\n[parallel]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in parallel.items()))
+    return path
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_two_ranks_train_what_one_rank_trains(tiny_workspace, run_levante, tmp_path, optim, monkeypatch):
+@pytest.mark.parametrize("optim, parallel", [
+    ("adamw", None),
+    ("muon", None),
+    ("adamw", {"activation_checkpointing": "full"}),  # recomputation under FSDP: the same numbers
+])
+def test_two_ranks_train_what_one_rank_trains(tiny_workspace, run_levante, tmp_path, optim, parallel,
+                                              monkeypatch):
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
     one, two = tmp_path / "one", tmp_path / "two"
     result = run_levante("train", config(tiny_workspace, tmp_path / "one.toml", 4, optim), "--out", one)
     assert result.returncode == 0, result.stderr
-    result = torchrun(2, "train", config(tiny_workspace, tmp_path / "two.toml", 2, optim), "--out", two)
+    result = torchrun(2, "train", config(tiny_workspace, tmp_path / "two.toml", 2, optim, parallel), "--out", two)
     assert result.returncode == 0, result.stderr[-3000:]
     # Only rank 0 prints: one progress line per step, not two.
     assert sum(line.startswith("step ") for line in result.stdout.splitlines()) == STEPS, result.stdout

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from levante.config import ParallelConfig
+from levante.model.kernels import _grouped_mm_works
 from levante.model.transformer import Transformer
 from levante.parallel.mesh import Dist
 
@@ -45,6 +46,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     """
     if mode == "none":
         return
+    # The grouped-matmul probe runs a tiny forward+backward on first use; inside a checkpointed region
+    # its saved tensors would make the recomputation disagree with the forward. Run it now.
+    device = model.embed_tokens.weight.device
+    for dtype in (torch.float32, torch.bfloat16):
+        _grouped_mm_works(device.type, dtype)
     for block in blocks(model):
         target = block if mode == "full" else block.mlp
         target.forward = _recomputed(target.forward)
