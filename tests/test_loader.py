@@ -94,19 +94,22 @@ def test_resume_refuses_a_different_setup(corpus):
         TokenLoader(shards, seq_len=16, batch_size=2, seed=7).load_state_dict(state)
 
 
-def test_ranks_take_disjoint_slices(corpus):
+def test_ranks_split_the_global_batch_whatever_the_world_size(corpus):
     shards, _, _ = corpus
-    num_windows = (shards.num_tokens - 1) // 8
-    world = next(w for w in (3, 4, 5, 7) if num_windows % w)  # the uneven case: a remainder is skipped
-    loaders = [TokenLoader(shards, seq_len=8, batch_size=1, seed=5, rank=r, world_size=world)
-               for r in range(world)]
-    n, per_rank = loaders[0].num_windows, loaders[0].windows_per_rank
-    assert per_rank == n // world
-    seen = [windows_of(loader, per_rank) for loader in loaders]
-    assert all(loader.epoch == 1 and loader.position == 0 for loader in loaders)  # lockstep
-    flat = [w for rank in seen for w in rank]
-    assert len(flat) == len(set(flat)) == world * per_rank  # disjoint, and nearly everything
-    assert len(set(range(n)) - set(flat)) == n % world
+    make = lambda batch, rank, world: TokenLoader(shards, seq_len=8, batch_size=batch, seed=5, rank=rank,
+                                                   world_size=world)
+    one = make(12, 0, 1)
+    n_batches = int(one.batches_per_epoch) + 2  # crosses an epoch boundary
+    reference = [one.next_batch()[0] for _ in range(n_batches)]
+    for world in (2, 3, 4):
+        loaders = [make(12 // world, r, world) for r in range(world)]
+        for ref in reference:
+            rows = torch.cat([loader.next_batch()[0] for loader in loaders])
+            assert torch.equal(rows, ref), f"world size {world}: the global batch differs from 1 rank's"
+        assert len({(loader.epoch, loader.position) for loader in loaders}) == 1  # lockstep
+        resumed = make(12 // world, 1, world)
+        resumed.load_state_dict(one.state_dict())  # a 1-rank state resumes at any world size
+        assert resumed.state_dict() == loaders[1].state_dict()
 
 
 def test_label_languages_follow_the_documents(corpus):

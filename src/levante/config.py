@@ -396,6 +396,23 @@ class RunConfig:
     max_consecutive_skips: int = 8
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is spread over ranks (levante.parallel); the world size comes from torchrun.
+
+    The data-parallel ranks shard weights with FSDP2; `ep` of them at a time also split the routed
+    experts among themselves (expert parallelism is carved out of data parallelism), so every rank
+    still trains its own slice of the global batch.
+    """
+
+    ep: int = 1  # expert-parallel degree: must divide the world size and n_routed_experts
+    activation_checkpointing: str = "none"  # "none", "full" (recompute each block), "selective" (MoE/MLP only)
+    compile: bool = False  # torch.compile each block (GPU; on CPU only when asked)
+
+
 @dataclass
 class TaskConfig:
     # "pretrain": token shards. "sft": data.train/valid are chat jsonl (loss on assistant tokens only).
@@ -413,6 +430,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -427,6 +445,7 @@ class TrainConfig:
             schedule=from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
             run=from_dict(RunConfig, data.get("run", {}), "run"),
             task=from_dict(TaskConfig, data.get("task", {}), "task"),
+            parallel=from_dict(ParallelConfig, data.get("parallel", {}), "parallel"),
         )
         return cfg.validate()
 
@@ -463,6 +482,14 @@ class TrainConfig:
             (self.task.beta > 0, "task.beta must be positive"),
             (self.run.spike_window >= 2 and self.run.spike_sigma > 0 and self.run.max_consecutive_skips >= 1,
              "run.spike_window must be >= 2, run.spike_sigma > 0 and run.max_consecutive_skips >= 1"),
+            (self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}"),
+            (self.parallel.ep <= 1 or (self.model.n_routed_experts > 0
+                                       and self.model.n_routed_experts % self.parallel.ep == 0),
+             f"parallel.ep ({self.parallel.ep}) must divide model.n_routed_experts "
+             f"({self.model.n_routed_experts})"),
+            (self.parallel.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+             f"parallel.activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+             f"got '{self.parallel.activation_checkpointing}'"),
         ]
         for ok, msg in checks:
             if not ok:

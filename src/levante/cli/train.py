@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -19,10 +20,15 @@ def train(
     from levante.config import TrainConfig
 
     cfg = TrainConfig.load(config)  # before importing torch: a config mistake is reported at once
+    from levante.parallel.mesh import shutdown
     from levante.progress import train_with_progress
 
-    result = train_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=console)
-    console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, checkpoint {result.checkpoint}")
+    try:
+        result = train_with_progress(cfg, out, resume=resume, overwrite=overwrite, console=console)
+    finally:
+        shutdown()  # under torchrun; a no-op in one process
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints
+        console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, checkpoint {result.checkpoint}")
 
 
 def quickstart(

@@ -5,10 +5,12 @@ seq_len (window w = tokens[w*T : w*T + T + 1]; inputs are its first T tokens, la
 every token is a label exactly once per epoch. Each epoch visits the windows in a permutation drawn
 from numpy's Generator seeded by (seed, epoch): the order depends on nothing but these numbers, so
 the state is just (epoch, position) and a resumed run sees exactly the batches it would have seen.
-Ranks take interleaved slices perm[rank::world_size], cut to the same length on every rank (at most
-world_size - 1 windows per epoch are skipped, different ones each epoch) so ranks stay in lockstep
-and the position is the same on every rank: one saved state resumes all of them. A batch that
-reaches the end of an epoch continues into the next one, so every batch is full.
+The epochs' permutations, one after the other, form one global stream of windows. Every micro-batch
+takes the next batch_size * world_size windows of that stream (the global micro-batch) and rank r
+trains rows [r * batch_size, (r + 1) * batch_size) of it. So the same global batch trains the same
+sequences whatever the world size, ranks stay in lockstep, and the position (global, the same on
+every rank) resumes at any world size with the same global batch. A batch that reaches the end of an
+epoch continues into the next one, so every batch is full.
 """
 
 from __future__ import annotations
@@ -67,14 +69,12 @@ class TokenLoader:
             raise LevanteError(f"seed must be a non-negative integer, got {seed!r}")
         self.rank, self.seed = rank, int(seed)
         self.num_windows = max(shards.num_tokens - 1, 0) // self.seq_len
-        self.windows_per_rank = self.num_windows // self.world_size
-        if self.windows_per_rank < 1:
+        if self.num_windows < 1:
             raise LevanteError(
                 f"shards in {shards.path} hold {shards.num_tokens} tokens: too few for "
-                f"{self.world_size} window(s) of seq_len + 1 = {self.seq_len + 1} tokens; "
-                f"lower seq_len or add data")
+                f"one window of seq_len + 1 = {self.seq_len + 1} tokens; lower seq_len or add data")
         self.epoch = 0
-        self.position = 0  # windows of this epoch's rank slice already consumed
+        self.position = 0  # windows of this epoch already consumed by all ranks together
         self.last_windows = np.zeros(0, dtype=np.int64)  # window ids of the latest batch
         self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
         self._doc_cols: tuple[np.ndarray, np.ndarray] | None = None
@@ -90,7 +90,7 @@ class TokenLoader:
 
     @property
     def batches_per_epoch(self) -> float:
-        return self.windows_per_rank / self.batch_size
+        return self.num_windows / (self.batch_size * self.world_size)
 
     def _window_langs(self) -> np.ndarray:
         starts = np.arange(self.num_windows, dtype=np.int64) * self.seq_len + 1
@@ -118,25 +118,26 @@ class TokenLoader:
         total = max(int(seen.sum()), 1)
         return {lang: round(int(seen[i]) / total, 4) for i, lang in enumerate(self.shards.langs) if seen[i]}
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
+    def _order_of(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            perm = self._epoch_windows(epoch)
-            self._order = perm[: self.windows_per_rank * self.world_size][self.rank :: self.world_size]
+            self._order = self._epoch_windows(epoch)
             self._order_epoch = epoch
         return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (inputs, labels), int64 [batch_size, seq_len]; labels are inputs shifted by one."""
-        parts, need = [], self.batch_size
+        """-> (inputs, labels), int64 [batch_size, seq_len]: this rank's rows of the next global
+        micro-batch; labels are inputs shifted by one."""
+        parts, need = [], self.batch_size * self.world_size
         while need:
-            take = self._rank_order(self.epoch)[self.position : self.position + need]
+            take = self._order_of(self.epoch)[self.position : self.position + need]
             parts.append(take)
             need -= len(take)
             self.position += len(take)
-            if self.position == self.windows_per_rank:
+            if self.position == self.num_windows:
                 self.epoch, self.position = self.epoch + 1, 0
-        self.last_windows = np.concatenate(parts)
-        self._mix_seen += np.bincount(self.window_lang[self.last_windows], minlength=len(self._mix_seen))
+        rows = np.concatenate(parts)
+        self._mix_seen += np.bincount(self.window_lang[rows], minlength=len(self._mix_seen))  # the global batch
+        self.last_windows = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         idx = self.last_windows[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         x = torch.from_numpy(self.shards.tokens[idx].astype(np.int64))
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -161,14 +162,14 @@ class TokenLoader:
     # -- exact resume
 
     def _identity(self) -> dict:
-        ident = {"seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
-                 "num_tokens": self.shards.num_tokens}
+        ident = {"seed": self.seed, "seq_len": self.seq_len, "num_tokens": self.shards.num_tokens}
         if self.mixture is not None:  # natural order keeps the old state layout
             ident["mixture"] = {k: round(v, 6) for k, v in self.mixture.items()}
         return ident
 
     def state_dict(self) -> dict:
-        """JSON-able; the same on every rank. Batch size may change across a resume."""
+        """JSON-able; the same on every rank. Batch size and world size may change across a resume
+        (the stream position is global)."""
         return {"epoch": self.epoch, "position": self.position, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -177,7 +178,7 @@ class TokenLoader:
                 raise LevanteError(f"cannot resume the data loader: it was saved with {key}="
                                    f"{state.get(key)}, this run has {key}={want}")
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.windows_per_rank:
+        if epoch < 0 or not 0 <= position < self.num_windows:
             raise LevanteError(f"cannot resume the data loader: bad position {epoch}:{position}")
         self.epoch, self.position = epoch, position
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch.optim.adamw import adamw
 
 from levante.config import OptimConfig
 from levante.errors import LevanteError
+from levante.parallel.muon import orthogonalize_sharded
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): p(s) = a·s + b·s³ + c·s⁵ applied to the
 # singular values. The large slope at 0 (a) lifts small singular values quickly; the iteration does
@@ -60,11 +62,12 @@ def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     """Approximate U·Vᵀ of g = U·S·Vᵀ for the last two dims (batched over any leading dims).
 
     Runs in bf16 where matmuls are fast in it (CUDA; CPUs with AMX / AVX512-BF16): the iteration is
-    robust to bf16, as in the reference Muon. fp32 elsewhere. Returns a tensor in the compute dtype;
-    the caller casts.
+    robust to bf16, as in the reference Muon. fp32 elsewhere, or everywhere with LEVANTE_MUON_FP32=1
+    (for exact comparisons, e.g. N ranks against 1). Returns a tensor in the compute dtype; the caller casts.
     """
     a, b, c = _NS_COEFFS
-    fast_bf16 = g.is_cuda or (g.device.type == "cpu" and cpu_has_fast_bf16())
+    fast_bf16 = (g.is_cuda or (g.device.type == "cpu" and cpu_has_fast_bf16())) and \
+        os.environ.get("LEVANTE_MUON_FP32", "0") in ("", "0")
     x = g.to(torch.bfloat16 if fast_bf16 else torch.float32)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation so the Gram matrix x·xᵀ is the smaller one
@@ -141,7 +144,8 @@ class Muon(torch.optim.Optimizer):
         mu = group["momentum"]
         buf.mul_(mu).add_(grad)
         update = grad.add(buf, alpha=mu)  # Nesterov: look ahead along the momentum
-        ortho = orthogonalize(update, group["ns_steps"]).to(p.dtype)
+        steps = group["ns_steps"]
+        ortho = orthogonalize_sharded(update, lambda m: orthogonalize(m, steps).to(p.dtype))
         scale = _MOONLIGHT_RMS * math.sqrt(max(p.size(-2), p.size(-1)))
         lr = group["lr"]
         p.mul_(1 - lr * group["weight_decay"])

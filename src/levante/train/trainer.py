@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from levante.checkpoint import claim_run_dir, load_latest, save_checkpoint
+from levante.checkpoint import claim_run_dir, save_checkpoint
 from levante.config import TrainConfig
 from levante.data.loader import TokenLoader, language_eval_windows
 from levante.data.shards import open_shards
 from levante.errors import LevanteError
 from levante.evaluation import evaluate_languages, summarize
 from levante.model.transformer import Transformer
+from levante.parallel.fsdp import parallelize
+from levante.parallel.mesh import Dist
 from levante.plan import GPUS
 from levante.tokenizer import LevanteTokenizer
 from levante.train.balancing import RouterBalancer
@@ -64,12 +66,27 @@ def peak_flops(device: torch.device) -> float:
     return measure_cpu_matmul_peak(seconds=0.5)
 
 
+class _NoMetrics:
+    """The metrics log of a rank other than 0: writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, on_log: Callable[[dict], None] | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.on_log = on_log or (lambda record: None)
-        self.device = resolve_device(cfg.run.device)
+        device = resolve_device(cfg.run.device)
+        # Under torchrun: process group + DeviceMesh; one process otherwise (world size 1).
+        self.dist = Dist.from_env(device, cfg.parallel.ep)
+        self.device = self.dist.device(device)
+        if not self.dist.is_main:  # only rank 0 prints
+            self.on_log = lambda record: None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
@@ -99,19 +116,21 @@ class Trainer:
             self.valid_shards = None
 
         seed_everything(cfg.run.seed)
-        self.model = Transformer(cfg.model).to(self.device)
+        model = Transformer(cfg.model).to(self.device)
         if cfg.task.init_from:
             from levante.train.sft import load_init_weights
 
-            load_init_weights(self.model, cfg)
+            load_init_weights(model, cfg)
             if cfg.task.kind == "dpo":
-                self.task.set_reference(self.model)
+                self.task.set_reference(model)
+        self.model = parallelize(model, self.dist, cfg.parallel, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.balancer = RouterBalancer(self.model, cfg.model.bias_update_speed)
         self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
                                 enabled=cfg.run.skip_spikes)
         self.loader = (self.task.loader if self.task else
                        TokenLoader(self.train_shards, cfg.data.seq_len, cfg.run.micro_batch_size, cfg.run.seed,
+                                   rank=self.dist.rank, world_size=self.dist.world_size,
                                    mix_temperature=cfg.data.mix_temperature, mix_weights=cfg.data.mix_weights))
         # Periodic evals score whole held-out documents, up to eval_batches batches per language.
         self.eval_sets = (language_eval_windows(self.valid_shards, cfg.data.seq_len,
@@ -121,7 +140,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device) * self.dist.world_size  # tokens/s counts every rank
 
     # ---------------------------------------------------------------- state
 
@@ -130,12 +149,20 @@ class Trainer:
                 "guard": self.guard.state_dict()}
 
     def save(self) -> Path:
+        if self.dist.enabled:
+            from levante.checkpoint.dcp import save_distributed
+
+            return save_distributed(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    self.dist, keep_last=self.cfg.run.keep_last,
+                                    tokenizer_path=self.tokenizer.path, config_text=self.cfg.dumps())
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                keep_last=self.cfg.run.keep_last, tokenizer_path=self.tokenizer.path,
                                config_text=self.cfg.dumps())
 
     def resume(self) -> bool:
-        found = load_latest(self.out_dir, self.model, self.optimizer)
+        from levante.checkpoint.dcp import load_latest_any
+
+        found = load_latest_any(self.out_dir, self.model, self.optimizer, self.dist)
         if found is None:
             return False
         path, state = found
@@ -145,6 +172,13 @@ class Trainer:
             self.guard.load_state_dict(state["guard"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _claim(self, resume: bool, overwrite: bool) -> None:
+        claim_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.toml", self.cfg.dumps())
+        if self.task is not None:  # what the post-training data kept and rejected, per reason
+            atomic_write_text(self.out_dir / "data_report.json", json.dumps(self.task.reports, indent=2))
 
     # ---------------------------------------------------------------- loop
 
@@ -168,14 +202,17 @@ class Trainer:
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] = sums.get(key, 0) + value.detach() / cfg.run.grad_accum
-            self.tokens += batch[0].numel()
+            self.tokens += batch[0].numel() * self.dist.world_size
             if per_language and micro == cfg.run.grad_accum - 1:
                 lang_loss = (self.task.loss_per_language(out, targets) if self.task
                              else self._loss_per_language(out.logits, targets))
             del out  # free this micro-batch's logits before the next forward
-        norm = grad_norm_tensor(model.parameters())
+        norm = grad_norm_tensor(model.parameters())  # already global under FSDP
         keys = list(sums)
-        values = torch.stack([*(sums[k].float() for k in keys), norm.float()]).tolist()  # the one sync
+        losses = self.dist.all_reduce(torch.stack([sums[k].float() for k in keys]), "avg")  # ranks' mean
+        # Loads summed over ranks before the bias update: every rank moves the bias identically.
+        self.balancer.reduce(self.dist.all_reduce)
+        values = torch.cat([losses, norm.float()[None]]).tolist()  # the one sync
         record = dict(zip(keys, values[:-1], strict=True))
         grad_norm = values[-1]
         record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"])
@@ -218,7 +255,9 @@ class Trainer:
         langs = self.loader.label_lang_ids().flatten().to(token_loss.device)
         n = len(self.train_shards.langs)
         sums = torch.zeros(n, device=token_loss.device).index_add_(0, langs, token_loss)
-        counts = torch.bincount(langs, minlength=n)
+        counts = torch.bincount(langs, minlength=n).float()
+        both = self.dist.all_reduce(torch.stack([sums, counts]))  # over every rank's slice of the batch
+        sums, counts = both[0], both[1]
         return {lang: float(sums[i] / counts[i]) for i, lang in enumerate(self.train_shards.langs) if counts[i]}
 
     def evaluate(self) -> dict:
@@ -235,14 +274,12 @@ class Trainer:
 
     def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         cfg = self.cfg
-        claim_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.toml", cfg.dumps())
-        if self.task is not None:  # what the post-training data kept and rejected, per reason
-            atomic_write_text(self.out_dir / "data_report.json", json.dumps(self.task.reports, indent=2))
+        self.dist.run_on_main(self._claim, resume, overwrite)  # rank 0 writes the run directory
         if resume:
             self.resume()
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", resume_step=self.step)
+        # Only rank 0 logs; the others see the same (all-reduced) records.
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl", resume_step=self.step) if self.dist.is_main \
+            else _NoMetrics()
         start_time, start_step = time.perf_counter(), self.step
         # Throughput counts training steps only; evals and checkpoints are excluded from tokens/s.
         window_time, window_tokens = 0.0, 0
