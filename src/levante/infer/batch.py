@@ -148,6 +148,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False):
+        if max_batch < 1 or (max_len is not None and max_len < 2):
+            raise LevanteError(f"the engine needs max_batch >= 1 and max_len >= 2, got {max_batch}, {max_len}")
         model.eval()
         self.model, self.tokenizer, self.cfg = model, tokenizer, model.config
         self.max_batch = max_batch
