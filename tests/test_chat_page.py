@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,15 @@ def test_chat_page_streams_an_answer(tmp_path_factory, tiny_workspace):
 
     from levante.infer.server import create_app
 
-    engine = Engine(model, tok, max_batch=2).start()
+    engine = Engine(model, tok, max_batch=2)
+    decode = engine._decode
+
+    def paced_decode(reqs):  # tokens 50 ms apart, so the page gets them as separate events
+        time.sleep(0.05)
+        decode(reqs)
+
+    engine._decode = paced_decode
+    engine.start()
     artifacts = Path(os.environ.get("LEVANTE_TEST_ARTIFACTS", tmp_path_factory.mktemp("artifacts")))
     artifacts.mkdir(parents=True, exist_ok=True)
     try:

@@ -181,6 +181,8 @@ def test_requests_past_the_context_are_refused(model):
         engine.submit([], GREEDY)
     with pytest.raises(LevanteError, match="repetition_penalty"):
         engine.submit([1], SamplingParams(repetition_penalty=0))
+    with pytest.raises(LevanteError, match="max_batch"):
+        Engine(model, LetterTokenizer(), max_batch=0)
     with pytest.raises(LevanteError, match="MTP"):
         Engine(Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,

@@ -334,3 +334,18 @@ def test_levante_chat_keeps_history_and_obeys_commands(loaded):
                  {"role": "user", "content": "Wie geht's?"}])
     assert rest == (f"{a2}\n(conversation cleared)\n(usage: /temp X with X >= 0)\n"
                     f"(unknown command /bogus; /reset, /temp X, /quit)\n{a1}\n")
+
+
+def test_speculative_server_answers_like_the_plain_one(loaded, client):
+    _, model, tok = loaded
+    engine = Engine(model, tok, max_batch=4, speculative=True).start()
+    try:
+        with live_server(create_app(engine, "tiny")) as url:
+            spec = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for prompt in ("Der Zug", "El tren"):
+                args = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+                assert spec.completions.create(**args).choices[0].text == \
+                    client.completions.create(**args).choices[0].text
+            assert httpx.get(url + "/metrics").json()["engine"]["drafted"] > 0
+    finally:
+        engine.stop()

@@ -148,6 +148,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None,
                  speculative: bool = False):
+        if max_batch < 1 or (max_len is not None and max_len < 2):
+            raise LevanteError(f"the engine needs max_batch >= 1 and max_len >= 2, got {max_batch}, {max_len}")
         model.eval()
         self.model, self.tokenizer, self.cfg = model, tokenizer, model.config
         self.max_batch = max_batch
@@ -279,10 +281,14 @@ class Engine:
                 r._flush()
                 self._release(r)
                 self.stats["cancelled"] += 1
+            admitted = []
             while self.waiting and self.free:
                 req = self.waiting.pop(0)
                 req.slot = self.free.pop(0)
-                self._prefill(req)
+                admitted.append(req)
+            if admitted:
+                self._prefill(admitted)
+            for req in admitted:
                 if req.finish_reason is None:
                     self.running.append(req)
                 else:
@@ -320,20 +326,35 @@ class Engine:
             logits = apply_repetition_penalty(logits, req.prompt_ids + req.output_ids, p.repetition_penalty)
         return int(sample_next(logits[None], p, req.generator)[0])
 
-    def _prefill(self, req: Request) -> None:
-        n = len(req.prompt_ids)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        slots = RowSlots(torch.tensor([req.slot], device=self.device), positions, n)
-        h, logits = self._forward(ids, slots)
-        self.stats["prompt_tokens"] += n
-        req.pos = n
-        req._accept(self._choose(req, logits[0, -1]), logits[0, -1])
-        self.stats["generated_tokens"] += len(req._pending_ids)
-        if self.speculative and req.finish_reason is None:
-            nxt = torch.tensor([req.prompt_ids[1:] + [req.last]], device=self.device)
-            req.draft = int(self._draft(h, nxt, slots)[0, -1].argmax())
-        req._flush()
+    def _prefill(self, reqs: list[Request]) -> None:
+        """All newly admitted prompts in one forward, right-padded. A pad token lands in its row's
+        cache past the prompt, where the row's own next tokens overwrite it before anything reads it."""
+        dev = self.device
+        lens = [len(r.prompt_ids) for r in reqs]
+        width = max(lens)
+        ids = torch.zeros(len(reqs), width, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : lens[i]] = torch.tensor(r.prompt_ids)
+        positions = torch.arange(width, device=dev)[None].expand(len(reqs), width)
+        slots = RowSlots(torch.tensor([r.slot for r in reqs], device=dev), positions, width)
+        h, logits = self._forward(ids.to(dev), slots)
+        last = torch.tensor(lens, device=dev) - 1
+        rows = torch.arange(len(reqs), device=dev)
+        final = logits[rows, last]
+        for i, r in enumerate(reqs):
+            self.stats["prompt_tokens"] += lens[i]
+            r.pos = lens[i]
+            r._accept(self._choose(r, final[i]), final[i])
+            self.stats["generated_tokens"] += len(r._pending_ids)
+        if self.speculative:
+            nxt = torch.zeros_like(ids)
+            for i, r in enumerate(reqs):
+                nxt[i, : lens[i]] = torch.tensor(r.prompt_ids[1:] + [r.last or 0])  # None: already finished
+            drafts = self._draft(h, nxt.to(dev), slots)[rows, last].argmax(-1).tolist()
+            for r, d in zip(reqs, drafts, strict=True):
+                r.draft = d
+        for r in reqs:
+            r._flush()
 
     def _decode(self, reqs: list[Request]) -> None:
         dev = self.device
@@ -342,8 +363,11 @@ class Engine:
         if not self.speculative:
             slots = RowSlots(rows, pos, max(r.pos for r in reqs) + 1)
             _, logits = self._forward(torch.tensor([[r.last] for r in reqs], device=dev), slots)
+            greedy = None
+            if all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in reqs):
+                greedy = logits[:, 0].argmax(-1).tolist()  # one device sync for the whole batch
             for i, r in enumerate(reqs):
-                r._accept(self._choose(r, logits[i, 0]), logits[i, 0])
+                r._accept(greedy[i] if greedy is not None else self._choose(r, logits[i, 0]), logits[i, 0])
                 r.pos += 1
                 self.stats["generated_tokens"] += len(r._pending_ids)
                 r._flush()
