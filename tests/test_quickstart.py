@@ -19,12 +19,18 @@ def quickstart_dir(tmp_path_factory):
 def test_quickstart_writes_every_artefact(quickstart_dir):
     out, _ = quickstart_dir
     for name in ("config.toml", "metrics.jsonl", "eval.json", "samples.txt", "report.html",
-                 "tokenizer/tokenizer.json", "data/train/index.json", "data/valid/index.json"):
+                 "tokenizer/tokenizer.json", "data/train/index.json", "data/valid/index.json",
+                 "prepared/train/report.json", "prepared/train/DATACARD.md", "prepared/valid/report.json"):
         assert (out / name).is_file(), name
     ckpts = sorted((out / "checkpoints").glob("step_*"))
     assert ckpts and (ckpts[-1] / "model.safetensors").is_file() and (ckpts[-1] / "config.toml").is_file()
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2
+    # the quickstart starts from raw text: what data prepare kept is what was tokenized
+    prepared = json.loads((out / "prepared" / "train" / "report.json").read_text())
+    index = json.loads((out / "data" / "train" / "index.json").read_text())
+    assert prepared["kept"] == index["num_documents"] and "<h2>Data</h2>" in report
+    assert prepared["documents_in"] == prepared["kept"] + sum(prepared["rejected"].values()) + prepared["duplicates"]
 
 
 def test_quickstart_training_lowers_held_out_bpb_in_every_language(quickstart_dir):

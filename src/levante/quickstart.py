@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from levante.config import DataConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TaskConfig, TrainConfig
+from levante.data.prepare import prepare
 from levante.data.readers import bundled_corpus
 from levante.data.shards import tokenize_corpus
 from levante.errors import LevanteError
@@ -143,7 +144,16 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
     if chat and min(chat_steps) < 1:
         raise LevanteError(f"--sft-steps and --dpo-steps must be >= 1, got {chat_steps}")
     started = time.perf_counter()
-    train_files, valid_files = bundled_corpus("train"), bundled_corpus("valid")
+    console.rule(f"[bold]0/{stages} data prepare")
+    # the raw bundled text goes through the same pipeline as a real corpus: language ID, filters,
+    # PII scrubbing, dedup, provenance; train and valid separately, so the splits stay as shipped
+    data_reports = {}
+    for split in ("train", "valid"):
+        rep = prepare(bundled_corpus(split), out / "prepared" / split, license="CC0-1.0")
+        data_reports[split] = rep
+        console.print(f"{split}: kept {rep['kept']:,} of {rep['documents_in']:,} documents, rejected "
+                      f"{sum(rep['rejected'].values())}, duplicates {rep['duplicates']}")
+    train_files, valid_files = [out / "prepared" / "train"], [out / "prepared" / "valid"]
 
     console.rule(f"[bold]1/{stages} tokenizer")
     tok = train_tokenizer(train_files, out / "tokenizer", vocab_size=8192, alpha=0.3, eval_paths=valid_files)
@@ -196,6 +206,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
         "held-out bpb": f"{untrained['bpb']:.3f} untrained -> {trained['bpb']:.3f} trained",
         "checkpoint": str(result.checkpoint), "wall time": f"{elapsed / 60:.1f} min",
     }
-    report = write_report(out, eval_result, samples, summary, chat=chat_result)
+    report = write_report(out, eval_result, samples, summary, chat=chat_result,
+                          data={split: r["languages"] for split, r in data_reports.items()})
     console.print(f"report: {report}  ({elapsed / 60:.1f} min in all)")
     return {"eval": eval_result, "checkpoint": result.checkpoint, "report": report, "steps": result.steps}

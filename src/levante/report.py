@@ -87,8 +87,19 @@ def chat_section(chat: dict, examples_per_lang: int = 2) -> str:
             f"<table class=chat><tr><th>lang</th><th>prompt</th>{head}</tr>{rows}</table>")
 
 
+def _data_section(data: dict | None) -> str:
+    """Per split and language: documents kept, rejected and removed as duplicates by data prepare."""
+    if not data:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(split)}</td><td>{html.escape(lang)}</td><td>{v['kept']}</td>"
+                   f"<td>{v['rejected']}</td><td>{v['duplicates']}</td></tr>"
+                   for split, langs in data.items() for lang, v in sorted(langs.items()))
+    return ("<h2>Data</h2><table><tr><th>split</th><th>lang</th><th>kept</th><th>rejected</th>"
+            f"<th>duplicates</th></tr>{rows}</table>")
+
+
 def write_report(out_dir: Path, eval_result: dict, samples: list[tuple[str, str]], summary: dict,
-                 chat: dict | None = None) -> Path:
+                 chat: dict | None = None, data: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     train, evals = read_metrics(out_dir / "metrics.jsonl")
     after = eval_result["trained"]["per_language"]
@@ -103,7 +114,7 @@ def write_report(out_dir: Path, eval_result: dict, samples: list[tuple[str, str]
 <style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 pre{{white-space:pre-wrap;background:#f6f6f6;padding:8px}}table.chat td{{text-align:left}}</style></head><body>
-<h1>Levante quickstart report</h1><ul>{facts}</ul>
+<h1>Levante quickstart report</h1><ul>{facts}</ul>{_data_section(data)}
 <h2>Loss</h2><img alt="loss curves" src="data:image/png;base64,{loss_figure(train, evals)}">
 <h2>Held-out bits per byte</h2><img alt="bits per byte" src="data:image/png;base64,{bpb_figure(before, after)}">
 <table><tr><th>lang</th><th>untrained bpb</th><th>trained bpb</th><th>trained loss</th></tr>{rows}</table>
