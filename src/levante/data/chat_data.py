@@ -240,15 +240,22 @@ def pack_conversations(convs: list[Conversation], seq_len: int, pad_id: int, see
 
 class EpochCycle:
     """Batches of item indices; every epoch visits the items in an order drawn from (seed, epoch), so
-    the state is (epoch, position) and a resumed run sees exactly the batches it would have seen."""
+    the state is (epoch, position) and a resumed run sees exactly the batches it would have seen.
+    Under data parallelism, as for token windows, each call takes the next batch_size * world_size
+    items of that one stream and rank r keeps rows [r * batch_size, (r + 1) * batch_size): the same
+    global batch trains the same items whatever the world size."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = 0, 1
         self.epoch, self.position = 0, 0
         self.last = np.zeros(0, dtype=np.int64)
 
+    def set_rank(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
     def next_indices(self) -> np.ndarray:
-        parts, need = [], self.batch_size
+        parts, need = [], self.batch_size * self.world_size
         while need:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
             take = order[self.position : self.position + need]
@@ -257,7 +264,7 @@ class EpochCycle:
             self.position += len(take)
             if self.position == self.size:
                 self.epoch, self.position = self.epoch + 1, 0
-        self.last = np.concatenate(parts)
+        self.last = np.concatenate(parts)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return self.last
 
     def state_dict(self) -> dict:

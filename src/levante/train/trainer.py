@@ -113,6 +113,7 @@ class Trainer:
             from levante.train.sft import SFTTask
 
             self.task = (SFTTask if cfg.task.kind == "sft" else DPOTask)(cfg, self.tokenizer)
+            self.task.loader.set_rank(self.dist.rank, self.dist.world_size)
             self.valid_shards = None
 
         seed_everything(cfg.run.seed)
