@@ -35,7 +35,7 @@ from levante.tokenizer import LevanteTokenizer
 from levante.train.balancing import RouterBalancer
 from levante.train.guard import SpikeGuard
 from levante.train.metrics import MetricsWriter, measure_cpu_matmul_peak, mfu, model_flops_per_token
-from levante.train.optim import build_optimizer, clip_grads_, grad_norm_tensor
+from levante.train.optim import build_optimizer, clip_grads_, grad_norm_tensor, sharded_grad_norm
 from levante.train.schedule import apply_lr, lr_multiplier
 from levante.util import atomic_write_text, resolve_device
 
@@ -183,7 +183,8 @@ class Trainer:
             if per_language and micro == cfg.run.grad_accum - 1:
                 lang_loss = self._loss_per_language(out.logits, targets)
             del out  # free this micro-batch's logits before the next forward
-        norm = grad_norm_tensor(model.parameters())  # already global under FSDP
+        norm = (sharded_grad_norm(model.parameters(), self.dist.all_reduce) if self.dist.ep > 1
+                else grad_norm_tensor(model.parameters()))  # global under FSDP
         keys = list(sums)
         losses = self.dist.all_reduce(torch.stack([sums[k].float() for k in keys]), "avg")  # ranks' mean
         # Loads summed over ranks before the bias update: every rank moves the bias identically.
