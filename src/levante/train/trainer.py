@@ -263,6 +263,8 @@ class Trainer:
                     eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
                     record.update(step=self.step, tokens=self.tokens, tokens_per_s=tps, eta_s=eta,
                                   mfu=mfu(tps, self.flops_per_token, self.peak), elapsed_s=now - start_time)
+                    if self.device.type == "cuda":  # this rank's peak; rank 0 logs it
+                        record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
                     metrics.write(record)
                     self.on_log(record)
                     window_time, window_tokens = 0.0, 0
