@@ -9,10 +9,11 @@ import pytest
 from test_parallel import ENV, torchrun_script
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_two_ranks_ep2_equal_one_model(optim, monkeypatch):
+@pytest.mark.parametrize("world, optim", [(2, "adamw"), (2, "muon"), (4, "muon")])
+def test_ep2_equals_one_model(world, optim, monkeypatch):
+    """world 2: experts split over both ranks; world 4: also sharded over 2 dp ranks each."""
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
-    result = torchrun_script(2, Path(__file__).with_name("parallel_ep_worker.py"), optim, 2)
+    result = torchrun_script(world, Path(__file__).with_name("parallel_ep_worker.py"), optim, 2)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"EP OK {optim} ep=2 world=2" in result.stdout
+    assert f"EP OK {optim} ep=2 world={world}" in result.stdout

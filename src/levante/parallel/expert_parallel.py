@@ -6,16 +6,18 @@ Expert parallelism is carved out of data parallelism: every rank still routes it
 batch (router, shared experts and expert loads are computed locally, as without EP); only the
 routed-expert matmuls run where their weights live. Rank j of an ep group keeps experts
 [j*E/ep, (j+1)*E/ep) (sliced from the identically initialised full stacks, so the model equals the
-single-process one) and FSDP shards those over the "dp" ranks that hold the same experts (fsdp.py),
-with gradients divided by the world size: each expert's gradient sums the tokens of ep ranks.
+single-process one) and FSDP shards those over the "dp" ranks that hold the same experts (fsdp.py);
+each expert's gradient sums the tokens of ep ranks, so it is divided by ep (`local_forward`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from levante.model.kernels import grouped_linear
 from levante.model.moe import GroupedExperts
 from levante.parallel.mesh import Dist
 
@@ -42,12 +44,34 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class ExpertParallelForward:
     """Replaces `GroupedExperts.forward(x_sorted, counts)`: rows sorted by global expert id in, the
     experts' outputs in the same order out."""
 
-    def __init__(self, experts: GroupedExperts, local_forward, ep: int, group):
-        self.experts, self.local_forward, self.ep, self.group = experts, local_forward, ep, group
+    def __init__(self, experts: GroupedExperts, ep: int, group):
+        self.experts, self.ep, self.group = experts, ep, group
+
+    def local_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """GroupedExperts.forward on this rank's experts, their weight gradients divided by ep: each
+        sums the tokens of ep ranks, and FSDP averages over the dp ranks only, so this makes the
+        mean over every rank's batch (gloo has no pre-multiplied reduce-scatter to do it there)."""
+        e = self.experts
+        gate_up, down = _ScaleGrad.apply(e.gate_up_proj, 1 / self.ep), _ScaleGrad.apply(e.down_proj, 1 / self.ep)
+        gate, up = grouped_linear(x, gate_up, counts).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, down, counts)
 
     def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ep, local = self.ep, counts.numel() // self.ep
@@ -84,4 +108,4 @@ def apply_expert_parallel(model: nn.Module, dist_ctx: Dist) -> None:
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full[j * per:(j + 1) * per].clone(),
                                                 requires_grad=full.requires_grad))
-        experts.forward = ExpertParallelForward(experts, experts.forward, ep, group)
+        experts.forward = ExpertParallelForward(experts, ep, group)

@@ -72,10 +72,7 @@ def apply_fsdp(model: Transformer, dist: Dist, device: torch.device) -> None:
         from levante.parallel.expert_parallel import expert_modules
 
         for experts in expert_modules(model):
-            fully_shard(experts, **{**kwargs, "mesh": dist.mesh["dp"]})
-            # An expert's gradient sums the tokens of `ep` ranks; FSDP sums over the dp ranks: divide by
-            # every rank, as the other parameters are, for the mean over the global batch.
-            experts.set_gradient_divide_factor(float(dist.world_size))
+            fully_shard(experts, **{**kwargs, "mesh": dist.mesh["dp"]})  # grads: see expert_parallel.py
     for block in blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
