@@ -32,6 +32,13 @@ def torchrun(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def torchrun_script(nproc: int, script: Path, *args, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def steps_of(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if "eval" not in r]
@@ -59,6 +66,7 @@ def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None)
     ("adamw", None),
     ("muon", None),
     ("adamw", {"activation_checkpointing": "full"}),  # recomputation under FSDP: the same numbers
+    ("muon", {"ep": 2}),  # experts split over both ranks, tokens exchanged with all_to_all
 ])
 def test_two_ranks_train_what_one_rank_trains(tiny_workspace, run_levante, tmp_path, optim, parallel,
                                               monkeypatch):

@@ -22,10 +22,12 @@ STEPS, SAVE = 4, 2
 GLOBAL_BATCH = 4
 
 
-def cfg(ws, path: Path, world: int) -> Path:
-    return ws.write_config(path, model={"num_nextn_predict_layers": 1},
+def cfg(ws, path: Path, world: int, ep: int = 1) -> Path:
+    path = ws.write_config(path, model={"num_nextn_predict_layers": 1},
                            run={"steps": STEPS, "micro_batch_size": GLOBAL_BATCH // world, "ckpt_every": SAVE,
                                 "keep_last": 3, "eval_every": 0, "log_every": 1})
+    path.write_text(path.read_text() + f"\n[parallel]\nep = {ep}\n")
+    return path
 
 
 def train(world: int, config: Path, out: Path, run_levante, *extra) -> list[int]:
@@ -53,9 +55,10 @@ def runs(tiny_workspace, run_levante, tmp_path_factory):
         mp.setenv(key, value)
     root = tmp_path_factory.mktemp("dcp")
     out = {}
-    for world in (1, 2):
-        out[world] = root / f"w{world}"
-        train(world, cfg(tiny_workspace, root / f"w{world}.toml", world), out[world], run_levante)
+    for world, ep in ((1, 1), (2, 1), (2, 2)):
+        key = world if ep == 1 else f"{world}ep{ep}"
+        out[key] = root / f"w{key}"
+        train(world, cfg(tiny_workspace, root / f"w{key}.toml", world, ep), out[key], run_levante)
     yield root, out
     mp.undo()
 
@@ -80,12 +83,14 @@ def test_two_rank_checkpoint_is_dcp_and_checksummed(runs):
     assert not [p for p in (out[2] / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2), (2, 2)])
-def test_resume_at_another_world_size_continues_identically(runs, run_levante, tiny_workspace, saved, resumed):
+@pytest.mark.parametrize("saved, resumed, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2), ("2ep2", 1, 1)])
+def test_resume_at_another_world_size_continues_identically(runs, run_levante, tiny_workspace, saved, resumed, ep):
+    """Also across expert parallelism: saved without EP resumed with ep = 2, and saved with it resumed
+    in one process (expert stacks are saved whole)."""
     root, out = runs
-    copy = cut_back(out[saved], root / f"resume_{saved}_to_{resumed}")
-    logged = train(resumed, cfg(tiny_workspace, root / f"r{saved}{resumed}.toml", resumed), copy, run_levante,
-                   "--resume")
+    copy = cut_back(out[saved], root / f"resume_{saved}_to_{resumed}_ep{ep}")
+    logged = train(resumed, cfg(tiny_workspace, root / f"r{saved}{resumed}{ep}.toml", resumed, ep), copy,
+                   run_levante, "--resume")
     assert logged == list(range(SAVE + 1, STEPS + 1))
     assert_continues(out[saved], copy)
 

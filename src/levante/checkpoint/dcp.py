@@ -61,6 +61,59 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {"model": model_sd, "optim": optim_sd}
 
 
+# Expert parallelism: a rank's expert stacks hold only its experts, under the full stack's name. DCP
+# sees whole stacks instead: gathered on save (every rank the same tensor, written once), sliced back on
+# load. The files are then those of a run without EP, so they resume at any ep and world size.
+
+
+def _expert_entries(state: dict, model: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """(dict, key, live tensor) for every expert-stack tensor in `state` (weights and optimizer state)."""
+    from levante.parallel.expert_parallel import expert_modules
+
+    # A list in model order: every rank must run the gathers in the same order (a set's order is per process).
+    names = [n for n, p in model.named_parameters()
+             if any(p is q for e in expert_modules(model) for q in e.parameters())]
+    out = [(state["model"], n, state["model"][n]) for n in names if n in state["model"]]
+    optim_state = state.get("optim", {}).get("state", {})
+    for n in names:
+        if n not in optim_state:
+            continue
+        # A copy: these dicts can be the optimizer's own, whose tensors must stay the live shards.
+        optim_state[n] = dict(optim_state[n])
+        for key, value in optim_state[n].items():
+            if isinstance(value, torch.Tensor) and value.ndim == 3:
+                out.append((optim_state[n], key, value))
+    return out
+
+
+def _whole_experts(t: torch.Tensor, dist) -> torch.Tensor:
+    import torch.distributed as tdist
+
+    local = t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+    parts = [torch.empty_like(local) for _ in range(dist.ep)]
+    tdist.all_gather(parts, local.contiguous(), group=dist.mesh["ep"].get_group())
+    return torch.cat(parts)
+
+
+def _gather_experts(state: dict, model: nn.Module, dist) -> None:
+    for d, key, t in _expert_entries(state, model):
+        d[key] = _whole_experts(t, dist)
+
+
+def _scatter_experts(live: list, loaded: dict, dist) -> None:
+    """Copy this rank's share of the loaded whole stacks into the live (sharded) tensors."""
+    from torch.distributed.tensor import distribute_tensor
+
+    j = dist.mesh["ep"].get_local_rank()
+    for (_, _, t), whole in zip(live, loaded, strict=True):
+        mine = whole.chunk(dist.ep)[j]
+        if hasattr(t, "to_local"):
+            mine = distribute_tensor(mine, t.device_mesh, t.placements, src_data_rank=None).to_local()
+            t.to_local().copy_(mine)
+        else:
+            t.copy_(mine)
+
+
 # ------------------------------------------------------------------------------------------ save
 
 
@@ -84,7 +137,10 @@ def save_distributed(run_dir: str | Path, step: int, model: nn.Module, optimizer
         tmp.mkdir()
 
     dist.run_on_main(stage)
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))  # collective; files fsynced
+    state = _state_dicts(model, optimizer)
+    if dist.ep > 1:
+        _gather_experts(state, model, dist)
+    dcp.save(state, checkpoint_id=str(tmp))  # collective; files fsynced
 
     def finish():
         try:
@@ -123,18 +179,31 @@ def _keep_current_hyper(optimizer: torch.optim.Optimizer):
     return restore
 
 
-def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, dist=None) -> None:
     """Load a DCP checkpoint into `model` (+ optimizer), sharded or not, whatever world size saved it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     restore = _keep_current_hyper(optimizer) if optimizer is not None else None
     state = _state_dicts(model, optimizer)
+    live = []
+    if dist is not None and dist.ep > 1:  # load whole expert stacks into full-size buffers
+        live = _expert_entries(state, model)
+        for d, key, t in live:
+            shape = (t.shape[0] * dist.ep, *t.shape[1:])
+            d[key] = torch.empty(shape, dtype=t.dtype, device=t.to_local().device if hasattr(t, "to_local")
+                                 else t.device)
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as e:  # a mismatch between the checkpoint and this model/optimizer
         raise LevanteError(f"{path}: cannot load this distributed checkpoint into the model "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if live:
+        # DCP loaded the other tensors in place (the state dict holds the live ones); experts by hand.
+        _scatter_experts(live, [d[key] for d, key, _ in live], dist)
+        if restore is not None:
+            restore()
+        return
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -201,7 +270,10 @@ def load_latest_any(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         return None
     path = Path(path)
     if is_dcp(path):
-        load_dcp(path, model, optimizer)
+        load_dcp(path, model, optimizer, dist)
+    elif dist.ep > 1:
+        raise LevanteError(f"{path} is a single-process checkpoint; resume it with parallel.ep = 1, save, "
+                           "then continue with expert parallelism")
     elif not dist.enabled:
         return path, _restore(path, model, optimizer)
     else:

@@ -11,13 +11,13 @@ import sys
 import typer
 from rich.markup import escape
 
-from levante.cli import checkpoint, data, model, plan, serve, train
+from levante.cli import checkpoint, data, launch, model, plan, serve, train
 from levante.cli.common import err_console
 from levante.errors import LevanteError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Levante: train, evaluate, sample and export DeepSeek-V3-class MoE language models.")
-for group in (data, train, model, plan, serve, checkpoint):
+for group in (data, train, model, plan, serve, checkpoint, launch):
     group.register(app)
 
 

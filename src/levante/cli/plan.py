@@ -28,17 +28,27 @@ def resolve_model(name: str) -> ModelConfig:
 def plan_command(
     name: str = typer.Argument(..., help="Preset name, TOML file with a [model] table, or checkpoint dir."),
     seq_len: int = typer.Option(4096, help="Training sequence length."),
-    tokens: float | None = typer.Option(None, help="Training tokens (default: 20 x active params)."),
+    tokens: str | None = typer.Option(None, help="Training tokens, e.g. 4T (default: 20 x active params)."),
     gpus: int | None = typer.Option(None, help="GPU count (default: the smallest that fits)."),
-    gpu: str = typer.Option("h100", help="h100, h200, a100 or mi300x."),
+    gpu: str = typer.Option("h100", help="h100, h200, h800, a100, mi250x, mi300x or gh200."),
     mfu: float = typer.Option(0.4, help="Assumed model FLOPs utilisation, 0..1."),
+    days: float | None = typer.Option(None, help="Size the smallest cluster that trains in this many days."),
+    gpu_hours: str | None = typer.Option(None, "--gpu-hours",
+                                         help="A GPU-hour budget, e.g. 2.664M: the MFU it implies."),
+    pue: float = typer.Option(1.2, help="Data-centre power usage effectiveness for the energy figure."),
+    price: float | None = typer.Option(None, help="Price per GPU-hour (any currency) for the cost figure."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Parameters, FLOPs, GPU-hours, memory per GPU and KV cache for a model."""
     from levante.plan import plan
+    from levante.plan.cluster import parse_amount, size_cluster
 
     cfg = resolve_model(name)
-    result = plan(cfg, seq_len=seq_len, tokens=tokens, gpus=gpus, gpu=gpu, mfu=mfu)
+    days = parse_amount(days, "--days")
+    result = plan(cfg, seq_len=seq_len, tokens=parse_amount(tokens, "--tokens"), gpus=gpus, gpu=gpu, mfu=mfu)
+    budget = parse_amount(gpu_hours, "--gpu-hours")
+    result.update(size_cluster(cfg, result, gpu=gpu.lower(), days=days, gpu_hours=budget, pue=pue, price=price,
+                               seq_len=seq_len))
     if json_out:
         typer.echo(json.dumps({"name": name, **result}, indent=2))
         return

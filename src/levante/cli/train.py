@@ -15,11 +15,18 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, config."),
     resume: bool = typer.Option(False, help="Continue from the newest valid checkpoint in --out."),
     overwrite: bool = typer.Option(False, help="Replace the run that --out holds (its checkpoints and metrics)."),
+    nproc: int = typer.Option(1, help="Ranks on this machine: starts torchrun's elastic agent for you."),
 ):
     """Train a model; checkpoints are resumable bit for bit."""
     from levante.config import TrainConfig
 
     cfg = TrainConfig.load(config)  # before importing torch: a config mistake is reported at once
+    if nproc != 1 and "RANK" not in os.environ:
+        from levante.parallel.launch import launch_local
+
+        launch_local(nproc, [str(config), "--out", str(out), *(["--resume"] if resume else []),
+                             *(["--overwrite"] if overwrite else [])])
+        return
     from levante.parallel.mesh import shutdown
     from levante.progress import train_with_progress
 

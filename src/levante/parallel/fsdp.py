@@ -68,6 +68,11 @@ def apply_fsdp(model: Transformer, dist: Dist, device: torch.device) -> None:
     kwargs = {"mesh": dist.fsdp_mesh}
     if device.type == "cuda":  # bf16 compute copies, fp32 master weights and gradient reduction
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if dist.ep > 1:  # each rank's experts, sharded over the ranks that hold the same ones
+        from levante.parallel.expert_parallel import expert_modules
+
+        for experts in expert_modules(model):
+            fully_shard(experts, **{**kwargs, "mesh": dist.mesh["dp"]})  # grads: see expert_parallel.py
     for block in blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

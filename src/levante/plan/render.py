@@ -65,5 +65,11 @@ def format_plan(p: dict, title: str = "Levante plan"):
         c.add_row("total / GPU", f"AdamW {_gb(t['adamw'])}, Muon {_gb(t['muon'])} "
                   f"({'fits' if m['fits'] else 'does NOT fit'} {GPUS[p['gpu']]['name']})")
         c.add_row("wall clock", f"{p['wall_clock_days']:.3g} days on {p['gpus']} x {GPUS[p['gpu']]['name']}")
+    if "implied_mfu" in p:
+        c.add_row("implied MFU", f"{p['implied_mfu']:.1%} for {p['gpu_hours_given']:,.0f} GPU-hours")
+    if "energy_kwh" in p:
+        c.add_row("energy", f"{p['energy_kwh'] / 1e3:,.0f} MWh at TDP, PUE {p['pue']:g}")
+    if "cost" in p:
+        c.add_row("cost", f"{p['cost']:,.0f} at the given price per GPU-hour")
     notes = "\n".join(f"[dim]- {a}[/dim]" for a in p["assumptions"])
     return Group(params, c, notes)

@@ -211,10 +211,28 @@ def grad_norm_tensor(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def sharded_grad_norm(params: Iterable[torch.Tensor], all_reduce) -> torch.Tensor:
+    """The global gradient norm when parameters live on different meshes (expert parallelism: experts
+    sharded over "dp", the rest over every rank): every rank's local shards are disjoint pieces of the
+    model, so the squared norm is the all-reduced sum of the local squares."""
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+    squares = torch.stack([g.float().pow(2).sum() for g in local]).sum()
+    return all_reduce(squares).sqrt()
+
+
 def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scale gradients so their global norm is at most `max_norm` (0 disables), given that norm."""
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total_norm)
+    if max_norm <= 0:
+        return
+    params = [p for p in params if p.grad is not None]
+    meshes = {id(p.grad.device_mesh) for p in params if hasattr(p.grad, "device_mesh")}
+    if len(meshes) <= 1:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+        return
+    # Gradients on several meshes (expert parallelism): torch's formula, applied to the local shards.
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).mul_(coef)
 
 
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:

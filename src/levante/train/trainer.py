@@ -36,7 +36,7 @@ from levante.tokenizer import LevanteTokenizer
 from levante.train.balancing import RouterBalancer
 from levante.train.guard import SpikeGuard
 from levante.train.metrics import MetricsWriter, measure_cpu_matmul_peak, mfu, model_flops_per_token
-from levante.train.optim import build_optimizer, clip_grads_, grad_norm_tensor
+from levante.train.optim import build_optimizer, clip_grads_, grad_norm_tensor, sharded_grad_norm
 from levante.train.schedule import apply_lr, lr_multiplier
 from levante.util import atomic_write_text, resolve_device
 
@@ -208,7 +208,8 @@ class Trainer:
                 lang_loss = (self.task.loss_per_language(out, targets) if self.task
                              else self._loss_per_language(out.logits, targets))
             del out  # free this micro-batch's logits before the next forward
-        norm = grad_norm_tensor(model.parameters())  # already global under FSDP
+        norm = (sharded_grad_norm(model.parameters(), self.dist.all_reduce) if self.dist.ep > 1
+                else grad_norm_tensor(model.parameters()))  # global under FSDP
         keys = list(sums)
         losses = self.dist.all_reduce(torch.stack([sums[k].float() for k in keys]), "avg")  # ranks' mean
         # Loads summed over ranks before the bias update: every rank moves the bias identically.
@@ -299,6 +300,8 @@ class Trainer:
                     eta = (now - start_time) / max(done, 1) * (cfg.run.steps - self.step)
                     record.update(step=self.step, tokens=self.tokens, tokens_per_s=tps, eta_s=eta,
                                   mfu=mfu(tps, self.flops_per_token, self.peak), elapsed_s=now - start_time)
+                    if self.device.type == "cuda":  # this rank's peak; rank 0 logs it
+                        record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
                     metrics.write(record)
                     self.on_log(record)
                     window_time, window_tokens = 0.0, 0
