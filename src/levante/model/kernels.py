@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type, or None when it is off."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str):
+    """A context that keeps autocast away (routing must stay fp32 under bf16 autocast)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 @functools.cache
@@ -46,6 +61,9 @@ def _eager_grouped_linear():
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:  # autocast does not see this op: cast as it would for a linear (bf16 grouped_mm)
+        x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
         fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
         offs = counts.cumsum(0).to(torch.int32)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.config import ModelConfig
-from levante.model.kernels import grouped_linear
+from levante.model.kernels import autocast_off, grouped_linear
 
 
 class MLP(nn.Module):
@@ -45,7 +45,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> (weights [N, k], expert ids [N, k], scores [N, E]); routing runs in fp32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with autocast_off(x.device.type):  # autocast would run this linear in bf16
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             # Keep the best `topk_group` groups, each scored by the sum of its two best experts.
