@@ -60,11 +60,18 @@ def _eager_grouped_linear():
     return torch.compiler.disable(_grouped_linear)
 
 
+def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CUDA's grouped_mm wants 16-byte-aligned rows (in and out widths a multiple of 8 in bf16); token
+    groups need no padding in bf16, and offsets stay on the device (no host sync)."""
+    per = 16 // x.element_size()
+    return x.device.type != "cuda" or (weight.shape[1] % per == 0 and weight.shape[2] % per == 0)
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # autocast does not see this op: cast as it would for a linear (bf16 grouped_mm)
         x, weight = x.to(dtype), weight.to(dtype)
-    if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
+    if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype and _aligned(x, weight):
         fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
         offs = counts.cumsum(0).to(torch.int32)
         return fn(x, weight.transpose(1, 2), offs=offs)
