@@ -52,9 +52,9 @@ def assert_close(a: float, b: float, what: str, rtol: float) -> None:
     assert abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12), f"{what}: {a} vs {b}"
 
 
-def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None) -> Path:
+def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None, steps: int = STEPS) -> Path:
     path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim={"name": optim},
-                           run={"steps": STEPS, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
+                           run={"steps": steps, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
                                 "log_every": 1})
     if parallel:  # TinyWorkspace.write_config knows the five classic tables only
         path.write_text(path.read_text() + "\n[parallel]\n" + "".join(

@@ -83,7 +83,7 @@ def test_two_rank_checkpoint_is_dcp_and_checksummed(runs):
     assert not [p for p in (out[2] / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("saved, resumed, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2), ("2ep2", 1, 1)])
+@pytest.mark.parametrize("saved, resumed, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 4, 1), (2, 2, 2), ("2ep2", 1, 1)])
 def test_resume_at_another_world_size_continues_identically(runs, run_levante, tiny_workspace, saved, resumed, ep):
     """Also across expert parallelism: saved without EP resumed with ep = 2, and saved with it resumed
     in one process (expert stacks are saved whole)."""
