@@ -27,7 +27,7 @@ cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_inte
                   topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=64)
 reference = Transformer(cfg)
 model = parallelize(copy.deepcopy(reference), ctx, ParallelConfig(ep=ep), torch.device("cpu"))
-ocfg = OptimConfig(name=optim_name, lr=1e-2, muon_lr=2e-2)
+ocfg = OptimConfig(name=optim_name, lr=1e-2, muon_lr=2e-2, muon_ns_dtype="float32")
 ref_opt, opt = build_optimizer(reference, ocfg), build_optimizer(model, ocfg)
 per_rank = 2
 gen = torch.Generator().manual_seed(1)

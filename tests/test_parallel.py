@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 STEPS = 3
 RTOL = 1e-5
-# Muon's Newton–Schulz runs in bf16 where the CPU has fast bf16, which turns 1e-7 gradient rounding
-# differences into ~1e-4; in fp32 (as here) N ranks must match 1 rank to float rounding.
-ENV = {"LEVANTE_MUON_FP32": "1", "OMP_NUM_THREADS": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
+# Muon's Newton–Schulz runs in bf16 where the CPU has fast bf16 ("auto"), which turns 1e-7 gradient
+# rounding differences into ~1e-4; in fp32 (optim.muon_ns_dtype, as here) N ranks must match 1 rank to
+# float rounding. test_parallel_acceptance.py measures the default.
+NS_FP32 = {"muon_ns_dtype": "float32"}
 
 
 def torchrun(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -52,9 +54,11 @@ def assert_close(a: float, b: float, what: str, rtol: float) -> None:
     assert abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12), f"{what}: {a} vs {b}"
 
 
-def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None) -> Path:
-    path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim={"name": optim},
-                           run={"steps": STEPS, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
+def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None, steps: int = STEPS,
+           ns_dtype: str = "float32") -> Path:
+    path = ws.write_config(path, model={"num_nextn_predict_layers": 1},
+                           optim={"name": optim, "muon_ns_dtype": ns_dtype},
+                           run={"steps": steps, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
                                 "log_every": 1})
     if parallel:  # TinyWorkspace.write_config knows the five classic tables only
         path.write_text(path.read_text() + "\n[parallel]\n" + "".join(

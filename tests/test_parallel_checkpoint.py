@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_parallel import ENV, RTOL, assert_close, steps_of, torchrun
+from test_parallel import ENV, NS_FP32, RTOL, assert_close, steps_of, torchrun
 
 STEPS, SAVE = 4, 2
 GLOBAL_BATCH = 4
 
 
 def cfg(ws, path: Path, world: int, ep: int = 1) -> Path:
-    path = ws.write_config(path, model={"num_nextn_predict_layers": 1},
+    path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim=NS_FP32,
                            run={"steps": STEPS, "micro_batch_size": GLOBAL_BATCH // world, "ckpt_every": SAVE,
                                 "keep_last": 3, "eval_every": 0, "log_every": 1})
     path.write_text(path.read_text() + f"\n[parallel]\nep = {ep}\n")
@@ -83,7 +83,7 @@ def test_two_rank_checkpoint_is_dcp_and_checksummed(runs):
     assert not [p for p in (out[2] / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("saved, resumed, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2), ("2ep2", 1, 1)])
+@pytest.mark.parametrize("saved, resumed, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 4, 1), (2, 2, 2), ("2ep2", 1, 1)])
 def test_resume_at_another_world_size_continues_identically(runs, run_levante, tiny_workspace, saved, resumed, ep):
     """Also across expert parallelism: saved without EP resumed with ep = 2, and saved with it resumed
     in one process (expert stacks are saved whole)."""

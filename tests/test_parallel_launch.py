@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_parallel import ENV, RTOL, assert_close, config, steps_of
+from test_parallel import ENV, NS_FP32, RTOL, assert_close, config, steps_of
 
 
 def free_port() -> int:
@@ -50,11 +50,15 @@ def rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def test_a_killed_rank_ends_the_job_with_one_line(tiny_workspace, popen_levante, tmp_path, monkeypatch):
+KILL_STEPS = 24  # far more than the steps that can pass between seeing checkpoint 2 and the kill
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes(tiny_workspace, popen_levante, run_levante,
+                                                                      tmp_path, monkeypatch):
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
-    cfg = tiny_workspace.write_config(tmp_path / "c.toml", run={"steps": 400, "micro_batch_size": 2,
-                                                                "ckpt_every": 1, "log_every": 1, "eval_every": 0})
+    run_table = {"steps": KILL_STEPS, "micro_batch_size": 2, "log_every": 1, "eval_every": 0}
+    cfg = tiny_workspace.write_config(tmp_path / "c.toml", optim=NS_FP32, run={**run_table, "ckpt_every": 1})
     run = tmp_path / "run"
     with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
         proc = popen_levante("train", cfg, "--out", run, "--nproc", 2, stdout=out, stderr=err)
@@ -67,10 +71,24 @@ def test_a_killed_rank_ends_the_job_with_one_line(tiny_workspace, popen_levante,
     errors = [line for line in (tmp_path / "err").read_text().splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1, (tmp_path / "err").read_text()[-2000:]
     assert "rank 1 failed (killed by signal 9)" in errors[0]
-    # The newest checkpoint is intact: --resume in one process continues from it.
+    # The newest checkpoint is intact, and `--resume` at 2 ranks continues from it to the end ...
     from levante.checkpoint.verify import newest_valid
 
     assert newest_valid(run / "checkpoints", required=("trainer.json",)) is not None
+    result = run_levante("train", cfg, "--out", run, "--nproc", 2, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert logged and 2 < logged[0] and logged == list(range(logged[0], KILL_STEPS + 1)), logged
+    # ... training what an uninterrupted 2-rank run trains.
+    whole = tmp_path / "whole"
+    reference = tiny_workspace.write_config(tmp_path / "r.toml", optim=NS_FP32, run={**run_table, "ckpt_every": 0})
+    result = run_levante("train", reference, "--out", whole, "--nproc", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref, got = steps_of(whole), steps_of(run)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, KILL_STEPS + 1))
+    for r1, r2 in zip(ref, got, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert_close(r1[key], r2[key], f"step {r1['step']} {key}", RTOL)
 
 
 STAND_IN_SRUN = """#!/bin/bash

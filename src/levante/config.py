@@ -365,6 +365,9 @@ class OptimConfig:
     muon_lr: float = 3e-3
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5
+    # Newton–Schulz precision: "auto" (bf16 where the hardware is fast in it, else fp32), "bfloat16" or
+    # "float32" (float-rounding agreement between runs, e.g. N ranks against 1, at some speed on GPU).
+    muon_ns_dtype: str = "auto"
     grad_clip: float = 1.0  # 0 disables
 
 
@@ -462,6 +465,8 @@ class TrainConfig:
             (self.optim.name in ("muon", "adamw"),
              f"optim.name must be 'muon' or 'adamw', got '{self.optim.name}'"),
             (self.optim.lr > 0 and self.optim.muon_lr > 0, "learning rates must be positive"),
+            (self.optim.muon_ns_dtype in ("auto", "bfloat16", "float32"),
+             f"optim.muon_ns_dtype must be 'auto', 'bfloat16' or 'float32', got '{self.optim.muon_ns_dtype}'"),
             (len(self.optim.betas) == 2, "optim.betas must have two values"),
             (self.schedule.name in ("wsd", "cosine", "constant"),
              f"schedule.name must be 'wsd', 'cosine' or 'constant', got '{self.schedule.name}'"),

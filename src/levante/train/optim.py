@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,17 +57,26 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximate U·Vᵀ of g = U·S·Vᵀ for the last two dims (batched over any leading dims).
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-    Runs in bf16 where matmuls are fast in it (CUDA; CPUs with AMX / AVX512-BF16): the iteration is
-    robust to bf16, as in the reference Muon. fp32 elsewhere, or everywhere with LEVANTE_MUON_FP32=1
-    (for exact comparisons, e.g. N ranks against 1). Returns a tensor in the compute dtype; the caller casts.
-    """
+
+def ns_compute_dtype(device: torch.device, ns_dtype: str = "auto") -> torch.dtype:
+    """optim.muon_ns_dtype -> the dtype Newton–Schulz runs in. "auto": bf16 where matmuls are fast in it
+    (CUDA; CPUs with AMX / AVX512-BF16), as in the reference Muon (the iteration is robust to bf16);
+    fp32 elsewhere. "float32" makes runs comparable to float rounding (e.g. N ranks against 1)."""
+    if ns_dtype == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    if ns_dtype not in NS_DTYPES:
+        raise LevanteError(f"optimizer: muon_ns_dtype must be 'auto', 'bfloat16' or 'float32', got {ns_dtype!r}")
+    return NS_DTYPES[ns_dtype]
+
+
+def orthogonalize(g: torch.Tensor, steps: int, ns_dtype: str = "auto") -> torch.Tensor:
+    """Approximate U·Vᵀ of g = U·S·Vᵀ for the last two dims (batched over any leading dims), computed in
+    `ns_compute_dtype(g.device, ns_dtype)`. Returns a tensor in that dtype; the caller casts."""
     a, b, c = _NS_COEFFS
-    fast_bf16 = (g.is_cuda or (g.device.type == "cpu" and cpu_has_fast_bf16())) and \
-        os.environ.get("LEVANTE_MUON_FP32", "0") in ("", "0")
-    x = g.to(torch.bfloat16 if fast_bf16 else torch.float32)
+    x = g.to(ns_compute_dtype(g.device, ns_dtype))
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation so the Gram matrix x·xᵀ is the smaller one
         x = x.mT
@@ -91,7 +99,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 ns_dtype: str = "auto"):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise LevanteError(f"optimizer: lr, eps and weight_decay must be >= 0 (lr={lr}, eps={eps}, "
                                f"weight_decay={weight_decay})")
@@ -101,6 +110,9 @@ class Muon(torch.optim.Optimizer):
             raise LevanteError(f"optimizer: muon ns_steps must be >= 1, got {ns_steps}")
         if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
             raise LevanteError(f"optimizer: betas must be two values in [0, 1), got {tuple(betas)}")
+        ns_compute_dtype(torch.device("cpu"), ns_dtype)  # rejects an unknown name now, not at the first step
+        # Kept on the optimizer, not in its param groups: a resumed run follows its config, not the checkpoint.
+        self.ns_dtype = ns_dtype
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, kind="muon")
         super().__init__(params, defaults)
@@ -145,7 +157,7 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(mu).add_(grad)
         update = grad.add(buf, alpha=mu)  # Nesterov: look ahead along the momentum
         steps = group["ns_steps"]
-        ortho = orthogonalize_sharded(update, lambda m: orthogonalize(m, steps).to(p.dtype))
+        ortho = orthogonalize_sharded(update, lambda m: orthogonalize(m, steps, self.ns_dtype).to(p.dtype))
         scale = _MOONLIGHT_RMS * math.sqrt(max(p.size(-2), p.size(-1)))
         lr = group["lr"]
         p.mul_(1 - lr * group["weight_decay"])
@@ -200,7 +212,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                       weight_decay=cfg.weight_decay)
     groups = [g for g in [muon_group, *adamw_groups] if g["params"]]
     return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
-                betas=betas, eps=cfg.eps)
+                betas=betas, eps=cfg.eps, ns_dtype=cfg.muon_ns_dtype)
 
 
 def grad_norm_tensor(params: Iterable[torch.Tensor]) -> torch.Tensor:
