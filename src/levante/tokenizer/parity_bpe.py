@@ -109,7 +109,7 @@ def train_parity_bpe(train: dict[str, Counter], dev: dict[str, Counter], num_mer
                 diff[p] = diff.get(p, 0) + 1
             moved = [(p, d) for p, d in diff.items() if d]
             new_pairs = set(zip(new, new[1:], strict=False))
-            for p, d in moved:
+            for p, _ in moved:
                 if p in new_pairs:
                     where[p].add(i)
                 elif p != pick:
