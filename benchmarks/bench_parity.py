@@ -43,10 +43,10 @@ def main() -> None:
         rep = train_tokenizer([src], work / name.split()[0], args.vocab, alpha=alpha,
                               max_bytes_per_lang=args.cap or None, parity_paths=parity)
         summary = parallel_summary(parity_report(rep.path, [test]))
-        results[name] = {"seconds": round(time.perf_counter() - t, 1), **summary}
+        results[name] = {"seconds": round(time.perf_counter() - t, 1), "vocab_size": rep.vocab_size, **summary}
         r = results[name]
         print(f"{name}: mean premium {r['mean_premium']}, worst {r['max_premium']}, total tokens "
-              f"{r['total_tokens']:,}, {r['seconds']} s", flush=True)
+              f"{r['total_tokens']:,}, vocab {r['vocab_size']:,}, {r['seconds']} s", flush=True)
     shutil.rmtree(work)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
