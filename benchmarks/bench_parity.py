@@ -2,6 +2,7 @@
 (merges chosen on FLORES dev), all 24 EU languages, trained on the shared corpus.
 
     python benchmarks/bench_parity.py --vocab 8192 --cap 400000 [--data ../shared/data] [--json out.json]
+    python benchmarks/bench_parity.py --vocab 32768 --cap 0 --modes plain,alpha   # the CLI default: no cap
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--cap", type=int, default=400_000, help="max training bytes per language")
+    ap.add_argument("--cap", type=int, default=400_000, help="max training bytes per language (0: no cap)")
+    ap.add_argument("--modes", default="plain,alpha,parity", help="comma list of plain, alpha, parity")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -34,16 +36,17 @@ def main() -> None:
         shutil.copy(args.data / "flores" / "dev" / f"{lang}.txt", dev / f"{lang}.txt")
         shutil.copy(args.data / "flores" / "devtest" / f"{lang}.txt", test / f"{lang}.txt")
     results = {}
-    for name, alpha, parity in (("plain (alpha=1)", 1.0, None), ("alpha=0.3", 0.3, None),
-                                ("parity-aware (alpha=0.3)", 0.3, [dev])):
+    modes = {"plain": ("plain (alpha=1)", 1.0, None), "alpha": ("alpha=0.3", 0.3, None),
+             "parity": ("parity-aware (alpha=0.3)", 0.3, [dev])}
+    for name, alpha, parity in (modes[m] for m in args.modes.split(",")):
         t = time.perf_counter()
-        rep = train_tokenizer([src], work / name.split()[0], args.vocab, alpha=alpha, max_bytes_per_lang=args.cap,
-                              parity_paths=parity)
+        rep = train_tokenizer([src], work / name.split()[0], args.vocab, alpha=alpha,
+                              max_bytes_per_lang=args.cap or None, parity_paths=parity)
         summary = parallel_summary(parity_report(rep.path, [test]))
-        results[name] = {"seconds": round(time.perf_counter() - t, 1), **summary}
+        results[name] = {"seconds": round(time.perf_counter() - t, 1), "vocab_size": rep.vocab_size, **summary}
         r = results[name]
         print(f"{name}: mean premium {r['mean_premium']}, worst {r['max_premium']}, total tokens "
-              f"{r['total_tokens']:,}, {r['seconds']} s", flush=True)
+              f"{r['total_tokens']:,}, vocab {r['vocab_size']:,}, {r['seconds']} s", flush=True)
     shutil.rmtree(work)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")

@@ -97,20 +97,27 @@ def train_parity_bpe(train: dict[str, Counter], dev: dict[str, Counter], num_mer
                 else:
                     new.append(old[k])
                     k += 1
+            shrink = len(old) - len(new)
             for lang, c in dev_freq[i].items():
-                dev_tokens[lang] -= c * (len(old) - len(new))
-            old_pairs = Counter(zip(old, old[1:], strict=False))
-            new_pairs = Counter(zip(new, new[1:], strict=False))
-            for p in old_pairs.keys() - new_pairs.keys():
-                if p != pick:
+                dev_tokens[lang] -= c * shrink
+            # net change of this word's pair counts: only the pairs around the merged spots are
+            # non-zero, so each language's counts are touched a few times, not once per pair
+            diff: dict[tuple[str, str], int] = {}
+            for p in zip(old, old[1:], strict=False):
+                diff[p] = diff.get(p, 0) - 1
+            for p in zip(new, new[1:], strict=False):
+                diff[p] = diff.get(p, 0) + 1
+            moved = [(p, d) for p, d in diff.items() if d]
+            new_pairs = set(zip(new, new[1:], strict=False))
+            for p, _ in moved:
+                if p in new_pairs:
+                    where[p].add(i)
+                elif p != pick:
                     where[p].discard(i)
-            for p in new_pairs.keys() - old_pairs.keys():
-                where[p].add(i)
             for lang, c in freq[i].items():
-                for p, n in old_pairs.items():
-                    changed[lang][p] -= n * c
-                for p, n in new_pairs.items():
-                    changed[lang][p] += n * c
+                ch = changed[lang]
+                for p, d in moved:
+                    ch[p] += d * c
             words[i] = new
         for lang, delta in changed.items():
             cnt = pairs[lang]
