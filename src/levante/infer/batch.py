@@ -162,6 +162,9 @@ class Engine:
         self.cache = [LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype)
                       for _ in range(self.cfg.num_hidden_layers)]
         self.mtp_cache = LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype) if speculative else None
+        # rope cos/sin of every position, made once: each step only indexes them
+        self._cos, self._sin = rope_cos_sin(model.inv_freq, model.rope_attention_factor,
+                                            torch.arange(self.max_len, device=p.device))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.free = list(range(max_batch))
@@ -305,7 +308,7 @@ class Engine:
     def _forward(self, ids: torch.Tensor, slots: RowSlots):
         """Main model over `ids` [B, T] at per-row positions -> (final-normed hidden, logits)."""
         m = self.model
-        cos, sin = rope_cos_sin(m.inv_freq, m.rope_attention_factor, slots.positions)
+        cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         h = m.embed_tokens(ids)
         for layer, cache in zip(m.layers, self.cache, strict=True):
             h, _, _ = layer(h, cos, sin, cache, slots)
@@ -315,7 +318,7 @@ class Engine:
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, slots: RowSlots) -> torch.Tensor:
         """First MTP module: from h_i and token i+1, logits for token i+2 (filling its own cache)."""
         m, mtp = self.model, self.model.mtp[0]
-        cos, sin = rope_cos_sin(m.inv_freq, m.rope_attention_factor, slots.positions)
+        cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         x = mtp.eh_proj(torch.cat((mtp.enorm(m.embed_tokens(next_ids)), mtp.hnorm(h)), dim=-1))
         x, _, _ = mtp.block(x, cos, sin, self.mtp_cache, slots)
         return m.lm_head(mtp.norm(x))

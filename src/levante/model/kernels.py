@@ -46,6 +46,11 @@ def _eager_grouped_linear():
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and 0 < x.shape[0] < weight.shape[0]:
+        # Decoding: fewer rows than experts, so most experts are empty. CPU grouped_mm still runs a
+        # matmul per expert; here only the experts with rows run (same products, bitwise equal).
+        chunks = x.split(counts.tolist())
+        return torch.cat([c @ w.T for w, c in zip(weight.unbind(0), chunks, strict=True) if len(c)], dim=0)
     if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype:
         fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
         offs = counts.cumsum(0).to(torch.int32)
