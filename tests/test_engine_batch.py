@@ -204,3 +204,10 @@ def test_decode_grouped_linear_skipping_empty_experts_equals_per_row_products(ro
         y = grouped_linear(x, weight, counts)
     want = torch.stack([weight[e] @ x[i] for i, e in enumerate(expert.tolist())])
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.slow
+def test_compiled_engine_greedy_equals_eager(model):
+    eager = Engine(model, LetterTokenizer(), max_batch=3).generate(PROMPTS, GREEDY)
+    compiled = Engine(model, LetterTokenizer(), max_batch=3, compile=True).generate(PROMPTS, GREEDY)
+    assert compiled == eager

@@ -147,7 +147,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False):
         if max_batch < 1 or (max_len is not None and max_len < 2):
             raise LevanteError(f"the engine needs max_batch >= 1 and max_len >= 2, got {max_batch}, {max_len}")
         model.eval()
@@ -165,6 +165,10 @@ class Engine:
         # rope cos/sin of every position, made once: each step only indexes them
         self._cos, self._sin = rope_cos_sin(model.inv_freq, model.rope_attention_factor,
                                             torch.arange(self.max_len, device=p.device))
+        if compile:
+            # Off by default: ~1.3-1.7x faster decode on CPU once built, but building takes minutes
+            # (BENCHMARKS.md). Greedy output equals eager (tests/test_engine_batch.py, slow).
+            self._forward = torch.compile(self._forward, dynamic=True)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.free = list(range(max_batch))
