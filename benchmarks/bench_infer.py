@@ -44,9 +44,9 @@ class IdsTokenizer:
         return ""
 
 
-def levante_generate(model, prompts, n, speculative=False):
-    engine = Engine(model, IdsTokenizer(), max_batch=len(prompts), max_len=len(prompts[0]) + n + 1,
-                    speculative=speculative)
+def levante_generate(model, prompts, n, speculative=False, engine=None):
+    engine = engine or Engine(model, IdsTokenizer(), max_batch=len(prompts), max_len=len(prompts[0]) + n + 1,
+                              speculative=speculative)
     t0 = time.perf_counter()
     out = engine.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False))
     return out, time.perf_counter() - t0, engine.metrics()
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time an Engine(compile=True), built once per batch size (build time reported)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -143,6 +145,16 @@ def main(argv=None) -> int:
     if lv1[0][:8] != hf1[0][:8]:
         raise SystemExit(f"greedy tokens differ between Levante and transformers: {lv1[0][:8]} vs {hf1[0][:8]}")
 
+    compiled, build_s = {}, {}
+    if args.compile:  # built and checked outside the timed rounds; an engine is reused, not rebuilt
+        for b in batches:
+            compiled[b] = Engine(model, IdsTokenizer(), max_batch=b, max_len=args.prompt_len + args.new + 1,
+                                 compile=True)
+            t0 = time.perf_counter()
+            out, _, _ = levante_generate(model, prompts[:b], args.new, engine=compiled[b])
+            build_s[b] = time.perf_counter() - t0
+            if out != levante_generate(model, prompts[:b], args.new)[0]:
+                raise SystemExit(f"compiled engine's greedy tokens differ from eager at batch {b}")
     times: dict[str, list[float]] = {}
     accept = []
     for _ in range(args.rounds):
@@ -152,6 +164,9 @@ def main(argv=None) -> int:
             times.setdefault(f"levante b{b}", []).append(n_tok / t)
             _, t = hf_generate(hf, prompts[:b], args.new)
             times.setdefault(f"hf b{b}", []).append(n_tok / t)
+            if b in compiled:
+                _, t, _ = levante_generate(model, prompts[:b], args.new, engine=compiled[b])
+                times.setdefault(f"levante compiled b{b}", []).append(n_tok / t)
         _, t, m = levante_generate(with_mtp, prompts[:1], args.new, speculative=True)
         times.setdefault("levante b1 speculative", []).append(args.new / t)
         accept.append(m["acceptance_rate"])
@@ -169,6 +184,10 @@ def main(argv=None) -> int:
     for b in batches:
         lv, h = med[f"levante b{b}"], med[f"hf b{b}"]
         print(f"| decode, batch {b} | {lv:,.0f} | {h:,.0f} | {lv / h:.2f}x |")
+        if b in compiled:
+            lc = med[f"levante compiled b{b}"]
+            print(f"| decode, batch {b}, Engine(compile=True) (built in {build_s[b]:.0f} s) "
+                  f"| {lc:,.0f} | {h:,.0f} | {lc / h:.2f}x |")
     spec = med["levante b1 speculative"]
     print(f"\nMTP speculative, batch 1: {spec:,.0f} tokens/s vs {med['levante b1']:,.0f} plain "
           f"({spec / med['levante b1']:.2f}x), acceptance {statistics.median(accept):.1%} (random weights)")
@@ -179,7 +198,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
             "cpu": cpu_model(), "argv": sys.argv, "tokens_per_s": times, "acceptance": accept, "server": srv,
-            "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl}, indent=2))
+            "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl,
+            "compile_build_s": build_s}, indent=2))
     return 0
 
 

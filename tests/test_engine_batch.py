@@ -7,6 +7,7 @@ from levante import ModelConfig, Transformer
 from levante.errors import LevanteError
 from levante.infer.batch import Engine, apply_repetition_penalty
 from levante.infer.engine import SamplingParams
+from levante.model.kernels import grouped_linear
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
 
@@ -188,3 +189,25 @@ def test_requests_past_the_context_are_refused(model):
                                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                                        n_routed_experts=0, first_k_dense_replace=1)),
                LetterTokenizer(), speculative=True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_decode_grouped_linear_skipping_empty_experts_equals_per_row_products(rows):
+    # Decoding on CPU runs only the experts that have rows (fewer rows than experts); every row must
+    # still get exactly its own expert's product, also with empty experts between full ones.
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(8, 16, 8, generator=g)  # grouped_mm wants 16-byte strides
+    expert = torch.randint(0, 8, (rows,), generator=g).sort().values
+    x = torch.randn(rows, 8, generator=g)
+    counts = torch.bincount(expert, minlength=8)
+    with torch.no_grad():
+        y = grouped_linear(x, weight, counts)
+    want = torch.stack([weight[e] @ x[i] for i, e in enumerate(expert.tolist())])
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.slow
+def test_compiled_engine_greedy_equals_eager(model):
+    eager = Engine(model, LetterTokenizer(), max_batch=3).generate(PROMPTS, GREEDY)
+    compiled = Engine(model, LetterTokenizer(), max_batch=3, compile=True).generate(PROMPTS, GREEDY)
+    assert compiled == eager

@@ -147,7 +147,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False):
         if max_batch < 1 or (max_len is not None and max_len < 2):
             raise LevanteError(f"the engine needs max_batch >= 1 and max_len >= 2, got {max_batch}, {max_len}")
         model.eval()
@@ -162,6 +162,13 @@ class Engine:
         self.cache = [LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype)
                       for _ in range(self.cfg.num_hidden_layers)]
         self.mtp_cache = LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype) if speculative else None
+        # rope cos/sin of every position, made once: each step only indexes them
+        self._cos, self._sin = rope_cos_sin(model.inv_freq, model.rope_attention_factor,
+                                            torch.arange(self.max_len, device=p.device))
+        if compile:
+            # Off by default: ~1.3-1.7x faster decode on CPU once built, but building takes minutes
+            # (BENCHMARKS.md). Greedy output equals eager (tests/test_engine_batch.py, slow).
+            self._forward = torch.compile(self._forward, dynamic=True)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.free = list(range(max_batch))
@@ -305,7 +312,7 @@ class Engine:
     def _forward(self, ids: torch.Tensor, slots: RowSlots):
         """Main model over `ids` [B, T] at per-row positions -> (final-normed hidden, logits)."""
         m = self.model
-        cos, sin = rope_cos_sin(m.inv_freq, m.rope_attention_factor, slots.positions)
+        cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         h = m.embed_tokens(ids)
         for layer, cache in zip(m.layers, self.cache, strict=True):
             h, _, _ = layer(h, cos, sin, cache, slots)
@@ -315,7 +322,7 @@ class Engine:
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, slots: RowSlots) -> torch.Tensor:
         """First MTP module: from h_i and token i+1, logits for token i+2 (filling its own cache)."""
         m, mtp = self.model, self.model.mtp[0]
-        cos, sin = rope_cos_sin(m.inv_freq, m.rope_attention_factor, slots.positions)
+        cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         x = mtp.eh_proj(torch.cat((mtp.enorm(m.embed_tokens(next_ids)), mtp.hnorm(h)), dim=-1))
         x, _, _ = mtp.block(x, cos, sin, self.mtp_cache, slots)
         return m.lm_head(mtp.norm(x))

@@ -71,6 +71,11 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor)
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # autocast does not see this op: cast as it would for a linear (bf16 grouped_mm)
         x, weight = x.to(dtype), weight.to(dtype)
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and 0 < x.shape[0] < weight.shape[0]:
+        # Decoding: fewer rows than experts, so most experts are empty. CPU grouped_mm still runs a
+        # matmul per expert; here only the experts with rows run (same products, bitwise equal).
+        chunks = x.split(counts.tolist())
+        return torch.cat([c @ w.T for w, c in zip(weight.unbind(0), chunks, strict=True) if len(c)], dim=0)
     if _grouped_mm_works(x.device.type, x.dtype) and weight.dtype == x.dtype and _aligned(x, weight):
         fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
         offs = counts.cumsum(0).to(torch.int32)
