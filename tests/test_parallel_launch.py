@@ -122,7 +122,8 @@ def test_slurm_script_runs_under_stand_in_srun(tiny_workspace, run_levante, tmp_
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(STAND_IN_SRUN)
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.1\n")
+    # Many lines, as a big allocation prints: the script must read them all (no SIGPIPE under pipefail).
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nfor i in $(seq 5000); do echo 127.0.0.1; done\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",

@@ -72,7 +72,9 @@ def slurm_script(config: Path, out: Path, nodes: int, gpus_per_node: int, partit
         lines.append(f"#SBATCH --time={time}")
     lines += ["set -euo pipefail", "", NCCL_NOTES,
               "# The rendezvous host: the first node of the allocation.",
-              'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+              # sed reads all of scontrol's lines: `head -n 1` could close the pipe early and, under
+              # pipefail, kill the script with SIGPIPE.
+              'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
               "",
               "# One torchrun agent per node; --resume makes a requeued job continue from its last checkpoint.",
               f"srun --kill-on-bad-exit=1 {q(python)} -m torch.distributed.run \\",
