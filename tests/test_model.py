@@ -215,3 +215,32 @@ def test_grouped_mm_probe_is_not_fooled_by_no_grad():
         assert under_no_grad == kernels._grouped_mm_works("cpu", torch.float32)
     finally:
         kernels._grouped_mm_works.cache_clear()
+
+
+def test_per_token_experts_equal_the_sorted_dispatch():
+    # The compiled decode path computes each token against its own gathered experts; it must give
+    # what the sorted grouped dispatch gives, for every token and every routing.
+    torch.manual_seed(0)
+    moe = moe_layers(Transformer(small_config()))[0].eval()
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        want, _, load = moe(x)
+        weights, ids, _ = moe.gate(x.view(-1, 32))
+        routed = moe.experts.per_token(x.view(-1, 32), ids, weights)
+        got = routed + moe.shared_experts(x.view(-1, 32))
+    torch.testing.assert_close(got.view(1, 6, 32), want)
+    assert load.sum() == 6 * moe.top_k
+
+
+def test_compiled_decode_moe_is_one_graph_and_counts_the_same_load():
+    # fullgraph=True raises on a graph break: the sorted dispatch (data-dependent group sizes) would
+    # break; a few tokens under no_grad take the per-token path instead, with the same outputs.
+    torch.manual_seed(0)
+    moe = moe_layers(Transformer(small_config()))[0].eval()
+    x = torch.randn(2, 1, 32)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        want, _, want_load = moe(x)
+        got, _, got_load = compiled(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_load, want_load)

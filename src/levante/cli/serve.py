@@ -26,6 +26,8 @@ def serve(
     max_concurrent: int = typer.Option(128, help="Requests in flight (running + queued); more get 429."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted."),
     speculative: bool = typer.Option(False, help="MTP self-speculative decoding (model must have MTP)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step: ~2x faster decoding "
+                                 "once built (the first requests wait tens of seconds for it)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Serve a checkpoint over an OpenAI-compatible API, with a chat page at /."""
@@ -42,7 +44,7 @@ def serve(
     from levante.infer.server import Limits, create_app
 
     model, tokenizer, path = load_for_inference(checkpoint, device=device)
-    engine = Engine(model, tokenizer, max_batch=max_batch, speculative=speculative).start()
+    engine = Engine(model, tokenizer, max_batch=max_batch, speculative=speculative, compile=compile).start()
     limits = Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body_bytes)
     app = create_app(engine, model_name=Path(checkpoint).name or path.name, api_key=api_key, limits=limits)
     if host not in LOOPBACK and api_key is None:

@@ -165,10 +165,12 @@ class Engine:
         # rope cos/sin of every position, made once: each step only indexes them
         self._cos, self._sin = rope_cos_sin(model.inv_freq, model.rope_attention_factor,
                                             torch.arange(self.max_len, device=p.device))
+        self._decode_forward = self._forward_at
         if compile:
-            # Off by default: ~1.3-1.7x faster decode on CPU once built, but building takes minutes
-            # (BENCHMARKS.md). Greedy output equals eager (tests/test_engine_batch.py, slow).
-            self._forward = torch.compile(self._forward, dynamic=True)
+            # Decode steps only (prefill shapes vary too much): one graph for batch 1, one for any
+            # other batch size, each built on first use (tens of seconds on CPU), so off by default.
+            # Greedy output equals eager (tests/test_engine_batch.py, slow); speed in BENCHMARKS.md.
+            self._decode_forward = torch.compile(self._forward_at, dynamic=True)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.free = list(range(max_batch))
@@ -319,6 +321,9 @@ class Engine:
         h = m.norm(h)
         return h, m.lm_head(h)
 
+    def _forward_at(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        return self._forward(ids, RowSlots(rows, positions, kv_len))
+
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, slots: RowSlots) -> torch.Tensor:
         """First MTP module: from h_i and token i+1, logits for token i+2 (filling its own cache)."""
         m, mtp = self.model, self.model.mtp[0]
@@ -368,8 +373,8 @@ class Engine:
         rows = torch.tensor([r.slot for r in reqs], device=dev)
         pos = torch.tensor([r.pos for r in reqs], device=dev)[:, None]
         if not self.speculative:
-            slots = RowSlots(rows, pos, max(r.pos for r in reqs) + 1)
-            _, logits = self._forward(torch.tensor([[r.last] for r in reqs], device=dev), slots)
+            _, logits = self._decode_forward(torch.tensor([[r.last] for r in reqs], device=dev), rows, pos,
+                                             max(r.pos for r in reqs) + 1)
             greedy = None
             if all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in reqs):
                 greedy = logits[:, 0].argmax(-1).tolist()  # one device sync for the whole batch
@@ -381,7 +386,8 @@ class Engine:
             return
         positions = torch.cat((pos, pos + 1), dim=1)
         slots = RowSlots(rows, positions, max(r.pos for r in reqs) + 2)
-        h, logits = self._forward(torch.tensor([[r.last, r.draft] for r in reqs], device=dev), slots)
+        h, logits = self._decode_forward(torch.tensor([[r.last, r.draft] for r in reqs], device=dev), rows,
+                                         positions, slots.kv_len)
         kept, next_pairs = [], []
         for i, r in enumerate(reqs):
             draft = r.draft

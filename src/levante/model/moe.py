@@ -74,6 +74,14 @@ class GroupedExperts(nn.Module):
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.down_proj, counts)
 
+    def per_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), each token against its own experts' gathered
+        weights: no sort and no data-dependent shapes, so a compiled decode step stays one graph. It
+        copies k expert matrices per token, so it only pays for a few tokens (see MoE.forward)."""
+        gate, up = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids]).chunk(2, dim=-1)
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids])
+        return (y * weights[..., None].to(y.dtype)).sum(1)
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -96,15 +104,18 @@ class MoE(nn.Module):
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, ids, scores = self.gate(flat)
-
-        # Dispatch: sort the N*k (token, expert) pairs by expert so each expert's rows are contiguous.
         flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.n_experts)
-        token_of = order // self.top_k
-        y_sorted = self.experts(flat[token_of], counts)
-        y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of, y_sorted.to(flat.dtype))
+        if self._per_token(flat.shape[0]):
+            counts = F.one_hot(flat_ids, self.n_experts).sum(0)  # bincount's length would be data-dependent
+            out = self.experts.per_token(flat, ids, weights).to(flat.dtype)
+        else:
+            counts = torch.bincount(flat_ids, minlength=self.n_experts)
+            # Dispatch: sort the N*k (token, expert) pairs by expert so each expert's rows are contiguous.
+            order = flat_ids.argsort(stable=True)
+            token_of = order // self.top_k
+            y_sorted = self.experts(flat[token_of], counts)
+            y_sorted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)
+            out = torch.zeros_like(flat).index_add_(0, token_of, y_sorted.to(flat.dtype))
 
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -113,6 +124,15 @@ class MoE(nn.Module):
         if self.training and self.aux_loss_alpha > 0:
             aux = self._sequence_balance_loss(scores.view(b, t, -1), ids.view(b, t * self.top_k))
         return out.view(b, t, d), aux, counts.detach().float()
+
+    def _per_token(self, n_tokens: int) -> bool:
+        """A compiled inference step over a few tokens (decoding) computes each token against its own
+        experts: the sorted dispatch's data-dependent group sizes would break the graph. Bounded so the
+        gathered copies stay within twice the layer's expert weights; never with expert parallelism,
+        whose rank holds only some experts."""
+        return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and n_tokens * self.top_k <= 2 * self.n_experts
+                and self.experts.gate_up_proj.shape[0] == self.n_experts)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
