@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import resource
 import statistics
 import sys
 import time
@@ -194,12 +195,15 @@ def main(argv=None) -> int:
     for k, v in srv.items():
         print(f"server, {k}: {v:,.0f} tokens/s")
     print(f"cache bytes per token (fp32): latent {latent:,} vs full multi-head K/V {full:,} ({full / latent:.1f}x)")
+    # One process holds both models, both sides' caches and the compiled graphs: a shared peak.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of the process (both sides together): {peak_rss:,.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
             "cpu": cpu_model(), "argv": sys.argv, "tokens_per_s": times, "acceptance": accept, "server": srv,
             "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl,
-            "compile_build_s": build_s}, indent=2))
+            "compile_build_s": build_s, "peak_rss_mib": peak_rss}, indent=2))
     return 0
 
 

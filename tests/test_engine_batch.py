@@ -211,3 +211,48 @@ def test_compiled_engine_greedy_equals_eager(model):
     eager = Engine(model, LetterTokenizer(), max_batch=3).generate(PROMPTS, GREEDY)
     compiled = Engine(model, LetterTokenizer(), max_batch=3, compile=True).generate(PROMPTS, GREEDY)
     assert compiled == eager
+
+
+class ByteTokenizer:
+    """Token i is byte i, decoded as byte-level BPE does: a character split over tokens shows as U+FFFD."""
+
+    eos_id = 256
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SpaceTokenizer:
+    """SentencePiece-style: every token is '▁word'; decoding drops the space of the first token only."""
+
+    eos_id = 0
+    words = ["", "das", "ist", "schön", "und", "gut"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(" " + self.words[i] for i in ids if i)[1:]
+
+
+class _Host:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.device = tokenizer, "cpu"
+
+
+@pytest.mark.parametrize("tokenizer, ids", [
+    (ByteTokenizer(), list("Grüße, €5 ✓ ok".encode())),
+    (ByteTokenizer(), list(b"ab") + [0xE2, 0x82]),  # ends inside a character: never shown
+    (SpaceTokenizer(), [1, 2, 3, 4, 5, 1, 2, 3]),
+])
+def test_streamed_text_is_the_decoded_output_piece_by_piece(tokenizer, ids):
+    # The engine decodes only the newest ids each step; the deltas must add up to decoding everything
+    # at once, with no split character and no lost space on the way.
+    from levante.infer.batch import Request
+
+    req = Request(_Host(tokenizer), [5], SamplingParams(max_new_tokens=100, stop_at_eos=False), set(), None)
+    texts = []
+    for i in ids:
+        req._accept(i, None)
+        req._flush()
+        texts.append(req.events.get_nowait().text if not req.events.empty() else "")
+        assert "\ufffd" not in texts[-1]
+    full = tokenizer.decode(ids)
+    assert "".join(texts) == full.rstrip("\ufffd")

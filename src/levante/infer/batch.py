@@ -73,6 +73,7 @@ class Request:
         self.last: int | None = None  # newest token, not yet in the cache
         self.draft: int | None = None  # MTP's guess for the token after `last`
         self._sent = 0  # characters of decoded output already emitted
+        self._stable_text, self._stable_ids = "", 0  # decoded output up to a character boundary, and its ids
         self._pending_ids: list[int] = []
         self._pending_lp: list = []
         self.submitted = time.monotonic()
@@ -119,7 +120,14 @@ class Request:
 
     def _flush(self) -> None:
         """Emit the text that can no longer change; on a stop string cut there and finish."""
-        text = self.engine.tokenizer.decode(self.output_ids)
+        # Decode only the ids since the last clean character boundary (plus a few before it, for
+        # decoders that treat a first token specially), not the whole output every step.
+        decode, ids, stable = self.engine.tokenizer.decode, self.output_ids, self._stable_ids
+        start = max(0, stable - 4)
+        window, head = decode(ids[start:]), decode(ids[start:stable])
+        text = self._stable_text + window[len(head):] if window.startswith(head) else decode(ids)
+        if not text.endswith("\ufffd"):
+            self._stable_text, self._stable_ids = text, len(ids)
         end = len(text)
         for stop in self.params.stop:
             idx = text.find(stop, max(0, self._sent - len(stop)))
