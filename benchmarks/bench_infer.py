@@ -116,6 +116,31 @@ def server_throughput(model, prompts, n, clients):
     return results
 
 
+def weight_bytes_per_step(model, batch: int) -> int:
+    """fp32 weight bytes a decode step must read: all but the embedding table (one row per token) and,
+    at batch 1, all but the routed experts the token does not use (each MoE layer reads top-k)."""
+    cfg = model.config
+    total = sum(p.numel() for n, p in model.named_parameters() if n != "embed_tokens.weight" and "mtp." not in n)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "mtp." not in n)
+    used = min(batch * cfg.num_experts_per_tok, cfg.n_routed_experts) / max(cfg.n_routed_experts, 1)
+    return 4 * int(total - experts * (1 - used))
+
+
+def stream_bandwidth(mib: int = 64) -> float:
+    """Bytes/s of a one-row F.linear over `mib` MiB of fp32 weights, more than the L3 cache holds:
+    the rate a batch-1 decode step can read its weights at."""
+    ws = [torch.randn(8192, 256) for _ in range(mib // 8)]
+    x = torch.randn(1, 256)
+    for _ in range(3):
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+    return n * sum(w.numel() * 4 for w in ws) / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -172,6 +197,7 @@ def main(argv=None) -> int:
         times.setdefault("levante b1 speculative", []).append(args.new / t)
         accept.append(m["acceptance_rate"])
 
+    bandwidth = stream_bandwidth()
     srv = server_throughput(model, prompts * 2, args.new, clients=16) if max(batches) >= 16 else {}
     elem = torch.finfo(torch.float32).bits // 8
     latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem
@@ -189,6 +215,12 @@ def main(argv=None) -> int:
             lc = med[f"levante compiled b{b}"]
             print(f"| decode, batch {b}, Engine(compile=True) (built in {build_s[b]:.0f} s) "
                   f"| {lc:,.0f} | {h:,.0f} | {lc / h:.2f}x |")
+    print(f"\nmemory floor: weights stream at {bandwidth / 1e9:.1f} GB/s (one-row linear over 64 MiB, this run)")
+    for b in batches:
+        need = weight_bytes_per_step(model, b)
+        floor = b * bandwidth / need
+        print(f"  batch {b}: {need / 2**20:.1f} MiB of weights per step -> at most {floor:,.0f} tokens/s, "
+              f"{floor / med[f'hf b{b}']:.2f}x transformers")
     spec = med["levante b1 speculative"]
     print(f"\nMTP speculative, batch 1: {spec:,.0f} tokens/s vs {med['levante b1']:,.0f} plain "
           f"({spec / med['levante b1']:.2f}x), acceptance {statistics.median(accept):.1%} (random weights)")
@@ -203,7 +235,8 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
             "cpu": cpu_model(), "argv": sys.argv, "tokens_per_s": times, "acceptance": accept, "server": srv,
             "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl,
-            "compile_build_s": build_s, "peak_rss_mib": peak_rss}, indent=2))
+            "compile_build_s": build_s, "peak_rss_mib": peak_rss, "stream_bytes_per_s": bandwidth,
+            "weight_bytes_per_step": {b: weight_bytes_per_step(model, b) for b in batches}}, indent=2))
     return 0
 
 

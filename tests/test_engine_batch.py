@@ -207,10 +207,11 @@ def test_decode_grouped_linear_skipping_empty_experts_equals_per_row_products(ro
 
 
 @pytest.mark.slow
-def test_compiled_engine_greedy_equals_eager(model):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_compiled_engine_greedy_equals_eager(model, speculative):
     eager = Engine(model, LetterTokenizer(), max_batch=3).generate(PROMPTS, GREEDY)
-    compiled = Engine(model, LetterTokenizer(), max_batch=3, compile=True).generate(PROMPTS, GREEDY)
-    assert compiled == eager
+    compiled = Engine(model, LetterTokenizer(), max_batch=3, compile=True, speculative=speculative)
+    assert compiled.generate(PROMPTS, GREEDY) == eager
 
 
 class ByteTokenizer:

@@ -173,12 +173,13 @@ class Engine:
         # rope cos/sin of every position, made once: each step only indexes them
         self._cos, self._sin = rope_cos_sin(model.inv_freq, model.rope_attention_factor,
                                             torch.arange(self.max_len, device=p.device))
-        self._decode_forward = self._forward_at
+        self._decode_forward, self._decode_draft = self._forward_at, self._draft_at
         if compile:
             # Decode steps only (prefill shapes vary too much): one graph for batch 1, one for any
             # other batch size, each built on first use (tens of seconds on CPU), so off by default.
             # Greedy output equals eager (tests/test_engine_batch.py, slow); speed in BENCHMARKS.md.
             self._decode_forward = torch.compile(self._forward_at, dynamic=True)
+            self._decode_draft = torch.compile(self._draft_at, dynamic=True)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.free = list(range(max_batch))
@@ -340,6 +341,10 @@ class Engine:
         x, _, _ = mtp.block(x, cos, sin, self.mtp_cache, slots)
         return m.lm_head(mtp.norm(x))
 
+    def _draft_at(self, h: torch.Tensor, next_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                  kv_len: int) -> torch.Tensor:
+        return self._draft(h, next_ids, RowSlots(rows, positions, kv_len))
+
     def _choose(self, req: Request, logits: torch.Tensor) -> int:
         p = req.params
         if p.repetition_penalty != 1.0:
@@ -413,6 +418,6 @@ class Engine:
             r._flush()
         # MTP over the two verified positions; the draft comes from the last one that was kept.
         # A rejected row writes a throwaway entry at pos + 1, which its next step overwrites first.
-        draft_logits = self._draft(h, torch.tensor(next_pairs, device=dev), slots)
+        draft_logits = self._decode_draft(h, torch.tensor(next_pairs, device=dev), rows, positions, slots.kv_len)
         for i, r in enumerate(reqs):
             r.draft = int(draft_logits[i, kept[i]].argmax())
