@@ -141,6 +141,43 @@ def stream_bandwidth(mib: int = 64) -> float:
     return n * sum(w.numel() * 4 for w in ws) / (time.perf_counter() - t0)
 
 
+def trained_speculation(checkpoint: Path, new: int, n_prompts: int, rounds: int, compile: bool) -> dict:
+    """MTP self-speculation on a trained checkpoint with an MTP module, batch 1: held-out prompts (the
+    first 24 tokens of the bundled corpus's valid documents, one language after another), greedy."""
+    import json as _json
+
+    from levante.infer.load import load_for_inference
+
+    model, tok, _ = load_for_inference(checkpoint, device="cpu")
+    model.requires_grad_(False)
+    docs = []
+    for f in sorted((Path(__file__).parents[1] / "src/levante/sample_corpus").glob("*.valid.jsonl")):
+        docs += [_json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:2]]
+    prompts = [tok.encode_prompt(d)[:24] for d in docs[:n_prompts]]
+    max_len = 24 + new + 2
+    engines = {"plain": Engine(model, tok, max_batch=1, max_len=max_len),
+               "speculative": Engine(model, tok, max_batch=1, max_len=max_len, speculative=True)}
+    if compile:
+        engines["speculative, compiled"] = Engine(model, tok, max_batch=1, max_len=max_len, speculative=True,
+                                                  compile=True)
+        engines["plain, compiled"] = Engine(model, tok, max_batch=1, max_len=max_len, compile=True)
+    params = SamplingParams(max_new_tokens=new, temperature=0, stop_at_eos=False)
+    outputs, rates = {}, {}
+    for name, eng in engines.items():  # one untimed pass each: builds compiled graphs, checks outputs
+        outputs[name] = [eng.generate([p], params)[0] for p in prompts]
+    if any(o != outputs["plain"] for o in outputs.values()):
+        raise SystemExit("speculative output differs from plain greedy output")
+    for _ in range(rounds):
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            for p in prompts:
+                eng.generate([p], params)
+            rates.setdefault(name, []).append(len(prompts) * new / (time.perf_counter() - t0))
+    m = engines["speculative"].metrics()
+    return {"prompts": len(prompts), "acceptance": m["accepted"] / m["drafted"],
+            "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -152,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--compile", action="store_true",
                     help="also time an Engine(compile=True), built once per batch size (build time reported)")
+    ap.add_argument("--mtp-checkpoint", type=Path,
+                    help="also measure MTP speculation on this trained checkpoint (it must have an MTP module)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -226,6 +265,12 @@ def main(argv=None) -> int:
           f"({spec / med['levante b1']:.2f}x), acceptance {statistics.median(accept):.1%} (random weights)")
     for k, v in srv.items():
         print(f"server, {k}: {v:,.0f} tokens/s")
+    trained = {}
+    if args.mtp_checkpoint:
+        trained = trained_speculation(args.mtp_checkpoint, args.new, 24, args.rounds, args.compile)
+        print(f"trained MTP ({args.mtp_checkpoint}), batch 1, {trained['prompts']} held-out prompts: acceptance "
+              f"{trained['acceptance']:.1%}; tokens/s " + ", ".join(
+                  f"{k} {v:,.0f}" for k, v in trained["tokens_per_s"].items()))
     print(f"cache bytes per token (fp32): latent {latent:,} vs full multi-head K/V {full:,} ({full / latent:.1f}x)")
     # One process holds both models, both sides' caches and the compiled graphs: a shared peak.
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -235,7 +280,8 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
             "cpu": cpu_model(), "argv": sys.argv, "tokens_per_s": times, "acceptance": accept, "server": srv,
             "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl,
-            "compile_build_s": build_s, "peak_rss_mib": peak_rss, "stream_bytes_per_s": bandwidth,
+            "compile_build_s": build_s, "peak_rss_mib": peak_rss, "trained_mtp": trained,
+            "stream_bytes_per_s": bandwidth,
             "weight_bytes_per_step": {b: weight_bytes_per_step(model, b) for b in batches}}, indent=2))
     return 0
 
