@@ -60,10 +60,11 @@ def test_round_trip_is_exact_for_any_script(trained):
         assert all(0 <= i < tok.vocab_size for i in ids)
     batch = tok.encode_batch(SAMPLES)
     assert batch == [tok.encode(t) for t in SAMPLES]
-    # trained merges compress the training languages below one token per byte
+    # trained merges compress the training languages below one token per character (the default
+    # mode spends this tiny vocabulary mostly on Greek and Bulgarian, two bytes a letter)
     english, greek = "the quick brown fox jumps over a lazy dog", " πηδάει πάνω από τον τεμπέλη σκύλο"
-    assert len(tok.encode(english)) < 0.5 * len(english.encode("utf-8"))
-    assert len(tok.encode(greek)) < 0.75 * len(greek.encode("utf-8"))
+    assert len(tok.encode(english)) < 0.8 * len(english)
+    assert len(tok.encode(greek)) < 0.75 * len(greek)
 
 
 def test_special_tokens_have_fixed_ids_and_corpus_text_cannot_forge_them(trained):
