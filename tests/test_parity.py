@@ -153,7 +153,8 @@ def test_infinite_tolerance_is_plain_bpe_on_the_whole_corpus():
     from levante.tokenizer.parity_bpe import train_parity_bpe, word_counts
 
     en = word_counts([TEXT * 3])
-    el = word_counts(["ο σκύλος τρέχει σπίτι και η γάτα κοιμάται στο σπίτι " * 4])
+    # shared words too, so the corpus lane must add the languages' counts, not pick one
+    el = word_counts(["ο σκύλος τρέχει σπίτι και η γάτα κοιμάται στο σπίτι " * 4 + "the dog ran to the barn " * 5])
     dev = {"en": word_counts(["the cat"]), "el": word_counts(["ο σκύλος"])}
     merges = train_parity_bpe({"en": en, "el": el}, dev, 80, tolerance=float("inf"),
                               dev_chars={"en": 7, "el": 8})

@@ -81,13 +81,20 @@ def train_parity_bpe(train: dict[str, Counter], dev: dict[str, Counter], num_mer
     choosers = {lang for lang in dev_tokens if lang in train}
     units = {lang: max(dev_chars.get(lang, 0), 1) if dev_chars else 1 for lang in choosers}
 
+    # Lazy max-heaps: a pair is pushed when its count rises, so its highest entry is never below
+    # its count; an entry found above the count at the top is lowered in place. The top that
+    # matches its count is then the exact maximum (ties: smallest pair), as a full recount gives.
     def best(lane: str):
         h, cnt = heaps[lane], pairs[lane]
         while h:
             negc, p = h[0]
-            if cnt.get(p, 0) == -negc:
-                return p, -negc
-            heapq.heappop(h)  # stale: the count changed since it was pushed
+            c = cnt.get(p, 0)
+            if c == -negc:
+                return p, c
+            if c > 0:
+                heapq.heapreplace(h, (-c, p))
+            else:
+                heapq.heappop(h)
         return None, 0
 
     def choose():
@@ -170,9 +177,10 @@ def train_parity_bpe(train: dict[str, Counter], dev: dict[str, Counter], num_mer
                     c = cnt.get(p, 0) + d
                     if c <= 0:
                         cnt.pop(p, None)
-                    else:  # also when it fell: the old entry is stale now
+                    else:
                         cnt[p] = c
-                        heapq.heappush(h, (-c, p))
+                        if d > 0:
+                            heapq.heappush(h, (-c, p))
         for lane in lanes:
             pairs[lane].pop(pick, None)
     return merges

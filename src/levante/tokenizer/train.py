@@ -72,14 +72,17 @@ HOLD_OUT_BYTES = 200_000
 
 def _hold_out(texts: list[str], sizes: list[int], seed: int, lang: str):
     """Split a language's documents into (train texts, train sizes, held-out texts): a seeded random
-    tenth of the documents up to HOLD_OUT_BYTES, never the last training document."""
+    tenth of the documents up to HOLD_OUT_BYTES, never the last training document. The first one may
+    go over the byte share (up to a quarter of the language), so that a language of a few long
+    documents still gets a signal."""
     rng = np.random.default_rng([seed, zlib.crc32(lang.encode()), 1])
-    budget = min(HOLD_OUT_SHARE * sum(sizes), HOLD_OUT_BYTES)
+    total = sum(sizes)
+    budget = min(HOLD_OUT_SHARE * total, HOLD_OUT_BYTES)
     out, used = set(), 0
     for i in rng.permutation(len(texts))[:max(int(HOLD_OUT_SHARE * len(texts)), 1)].tolist():
         if len(out) + 1 >= len(texts):
             break
-        if used + sizes[i] > budget:
+        if used + sizes[i] > (budget if out else max(budget, min(total / 4, HOLD_OUT_BYTES))):
             continue
         out.add(i)
         used += sizes[i]
