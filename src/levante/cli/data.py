@@ -50,7 +50,8 @@ def tokenizer_train(
                                       "Default: the bundled sample corpus."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (or path ending in .json)."),
     vocab_size: int = typer.Option(8192, help="Vocabulary size including special tokens."),
-    alpha: float = typer.Option(0.3, help="Language balancing: 1 keeps natural shares, 0 samples uniformly."),
+    alpha: float = typer.Option(None, help="Language balancing: 1 keeps natural shares, 0 samples uniformly "
+                                "(default: 0 in mode hybrid, 0.3 otherwise)."),
     seed: int = typer.Option(0),
     eval_data: list[Path] = typer.Option(None, "--eval", help="Held-out files for the fertility report."),
     overwrite: bool = typer.Option(False, help="Replace an existing tokenizer at --out."),

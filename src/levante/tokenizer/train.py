@@ -62,6 +62,10 @@ def _resample(sizes: np.ndarray, target: float, rng: np.random.Generator) -> np.
 
 
 MODES = ("hybrid", "parity", "frequency")
+# Hybrid: uniform byte shares for the corpus lane, since the per-language rule already lifts the
+# languages left behind and English-heavy merges raise every other language's premium; plain BPE
+# keeps the usual multilingual compromise. (Pure parity hardly ever uses the corpus lane.)
+DEFAULT_ALPHA = {"hybrid": 0.0, "parity": 0.3, "frequency": 0.3}
 # How far (relative) the worst language's cost may sit above the mean before it takes the merge.
 # Chosen on FLORES dev / held-out training text, never on devtest (BENCHMARKS.md, parity section).
 HELD_OUT_TOLERANCE = 0.1
@@ -131,7 +135,7 @@ def _check_vocab_size(vocab_size: int) -> None:
             f"({len(SPECIAL_TOKENS)} special + 256 byte tokens + {MIN_MERGES} merges)")
 
 
-def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float = 0.3, seed: int = 0,
+def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float | None = None, seed: int = 0,
                     max_bytes_per_lang: int | None = None, eval_paths=None, overwrite: bool = False,
                     parity_paths=None, mode: str = "hybrid", tolerance: float | None = None) -> TrainReport:
     """Train byte-level BPE on `paths`, save `tokenizer.json` (+ HF side files) and report.
@@ -139,6 +143,7 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     `out_path` is a directory, or a `*.json` file path whose directory gets the side files.
     `max_bytes_per_lang` stops reading a language once that many bytes are in (bounds memory).
     `eval_paths` (held-out files) give the per-language fertility / parity in the report.
+    `alpha`: None is the mode's default (DEFAULT_ALPHA).
     `mode`: "frequency" is plain BPE (HF trainer) on the alpha-resampled corpus; "parity" takes
     every merge from the worst-compressed language (levante.tokenizer.parity_bpe); "hybrid" takes the
     corpus's most frequent merge unless the worst language is more than `tolerance` above the mean.
@@ -146,10 +151,12 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
     given, else as tokens per character on documents held out from each language's training data.
     """
     _check_vocab_size(vocab_size)
-    if not 0.0 <= alpha <= 1.0:
-        raise LevanteError(f"alpha must be in [0, 1], got {alpha}")
     if mode not in MODES:
         raise LevanteError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if alpha is None:
+        alpha = DEFAULT_ALPHA[mode]
+    if not 0.0 <= alpha <= 1.0:
+        raise LevanteError(f"alpha must be in [0, 1], got {alpha}")
     if mode == "frequency" and parity_paths:
         raise LevanteError("parity texts steer the hybrid and parity modes, not mode 'frequency'")
     if tolerance is not None and (mode != "hybrid" or not tolerance >= 0):
@@ -184,14 +191,19 @@ def train_tokenizer(paths, out_path: str | Path, vocab_size: int, alpha: float =
             texts[lang], sizes[lang], held_out[lang] = _hold_out(texts[lang], sizes[lang], seed, lang)
             seen[lang] = sum(sizes[lang])
 
-    # 2. Resample every language to its target share of the same total bytes.
+    # 2. Resample every language to its target share of the same total. Plain BPE balances bytes,
+    # as it always has; the hybrid and parity modes balance characters, a closer measure of content
+    # (Greek and Bulgarian take two bytes a letter, so equal bytes would give them half the text).
     seen = dict(sorted(seen.items()))
     total = sum(seen.values())
-    shares = sampling_shares(seen, alpha)
+    units = {lang: np.asarray(sizes[lang] if mode == "frequency" else [len(t) for t in texts[lang]],
+                              dtype=np.int64) for lang in seen}
+    unit_total = sum(int(u.sum()) for u in units.values())
+    shares = sampling_shares({lang: int(u.sum()) for lang, u in units.items()}, alpha)
     picks: dict[str, np.ndarray] = {}
     for lang in seen:
         rng = np.random.default_rng([seed, zlib.crc32(lang.encode())])
-        picks[lang] = _resample(np.asarray(sizes[lang], dtype=np.int64), shares[lang] * total, rng)
+        picks[lang] = _resample(units[lang], shares[lang] * unit_total, rng)
     sampled = {lang: int(np.asarray(sizes[lang])[idx].sum()) for lang, idx in picks.items()}
     sampled_total = max(sum(sampled.values()), 1)
     languages = {
