@@ -68,8 +68,8 @@ MODES = ("hybrid", "parity", "frequency")
 DEFAULT_ALPHA = {"hybrid": 0.0, "parity": 0.3, "frequency": 0.3}
 # How far (relative) the worst language's cost may sit above the mean before it takes the merge.
 # Chosen on FLORES dev / held-out training text, never on devtest (BENCHMARKS.md, parity section).
-HELD_OUT_TOLERANCE = 0.1
-PARALLEL_TOLERANCE = 0.1
+HELD_OUT_TOLERANCE = 0.005
+PARALLEL_TOLERANCE = 0.06
 HOLD_OUT_SHARE = 0.1  # of a language's documents, at most HOLD_OUT_BYTES, for the held-out signal
 HOLD_OUT_BYTES = 200_000
 
