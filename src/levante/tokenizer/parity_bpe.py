@@ -7,7 +7,11 @@ set (here: the most tokens for the same content, i.e. the highest premium), then
 to every language. The result is an ordinary BPE (vocab + ranked merges) that HF `tokenizers`
 encodes exactly as trained.
 
-Written on word-frequency tables with incremental pair counts and one lazy max-heap per language,
+The hybrid rule (the default of `levante tokenizer train`) sits between the two: the corpus-wide
+counts are one more lane, and a step takes the worst language's merge only while that language is
+more than a tolerance above the mean; pure parity is tolerance 0, plain BPE tolerance infinity.
+
+Written on word-frequency tables with incremental pair counts and one lazy max-heap per lane,
 so each merge costs time proportional to the words that contain the merged pair.
 """
 

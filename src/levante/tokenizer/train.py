@@ -8,6 +8,8 @@ Language balance: a corpus is usually dominated by a few languages, and BPE merg
 so minority languages get poor compression (many tokens per word: slower, shorter context, worse
 models). We resample each language to a byte share proportional to bytes_lang ** alpha (alpha=1:
 natural shares, alpha=0: uniform; 0.3 is the usual multilingual compromise, as in XLM-R / mT5).
+The default hybrid mode measures shares in characters instead and, on top, hands merges to any
+language whose held-out compression falls behind the others (levante.tokenizer.parity_bpe).
 """
 
 from __future__ import annotations
