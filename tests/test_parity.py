@@ -130,7 +130,110 @@ def test_parity_mode_lowers_the_worst_premium_on_held_out_parallel_text(tmp_path
                                                    .read_text(encoding="utf-8").splitlines()[:300]))
         shutil.copy(SHARED / "flores" / "devtest" / f"{lang}.txt", test / f"{lang}.txt")
     out = {}
-    for mode, parity in (("plain", None), ("parity", [dev])):
-        r = train_tokenizer([src], tmp_path / mode, 700, max_bytes_per_lang=60_000, parity_paths=parity)
+    for mode, parity in (("frequency", None), ("parity", [dev])):
+        r = train_tokenizer([src], tmp_path / mode, 700, max_bytes_per_lang=60_000, parity_paths=parity,
+                            mode=mode)
         out[mode] = parallel_summary(parity_report(r.path, [test]))
-    assert out["parity"]["max_premium"]["premium"] < out["plain"]["max_premium"]["premium"] - 0.1, out
+    assert out["parity"]["max_premium"]["premium"] < out["frequency"]["max_premium"]["premium"] - 0.1, out
+
+
+# ------------------------------------------------------------------- hybrid rule (the default mode)
+
+
+def _sum_counts(*tables):
+    from collections import Counter
+
+    total = Counter()
+    for t in tables:
+        total.update(t)
+    return total
+
+
+def test_infinite_tolerance_is_plain_bpe_on_the_whole_corpus():
+    from levante.tokenizer.parity_bpe import train_parity_bpe, word_counts
+
+    en = word_counts([TEXT * 3])
+    # shared words too, so the corpus lane must add the languages' counts, not pick one
+    el = word_counts(["ο σκύλος τρέχει σπίτι και η γάτα κοιμάται στο σπίτι " * 4 + "the dog ran to the barn " * 5])
+    dev = {"en": word_counts(["the cat"]), "el": word_counts(["ο σκύλος"])}
+    merges = train_parity_bpe({"en": en, "el": el}, dev, 80, tolerance=float("inf"),
+                              dev_chars={"en": 7, "el": 8})
+    want, _ = _naive_bpe(_sum_counts(en, el), 80)
+    assert merges == want
+
+
+def test_a_language_above_tolerance_gets_merges_until_it_is_back_within_it():
+    from collections import Counter
+
+    from levante.tokenizer.parity_bpe import GLOBAL, train_parity_bpe, word_counts
+
+    en_text = "the cat sat on the mat and the dog sat on the log " * 40
+    el_text = "ο σκύλος τρέχει στο σπίτι και η γάτα κοιμάται " * 4
+    train = {"en": word_counts([en_text]), "el": word_counts([el_text])}
+    dev_text = {"en": "the dog sat on the mat", "el": "η γάτα τρέχει στο σπίτι"}
+    dev = {k: word_counts([v]) for k, v in dev_text.items()}
+    chars = {k: len(v) for k, v in dev_text.items()}
+    by = {}
+    for tol in (0.2, float("inf")):
+        by[tol] = Counter()
+        train_parity_bpe(train, dev, 30, tolerance=tol, dev_chars=chars, picked_by=by[tol])
+    # the corpus is 90% English, so plain BPE (infinite tolerance) picks from the corpus only;
+    # Greek, at two bytes a letter, starts far above the mean tokens per character and takes merges
+    assert by[float("inf")] == {GLOBAL: 30}
+    assert by[0.2]["el"] > 0 and by[0.2][GLOBAL] > 0
+    assert by[0.2]["en"] == 0  # English is never the worst here
+    # the whole-corpus lane takes over once Greek is within the tolerance: more merges, more corpus
+    more = Counter()
+    train_parity_bpe(train, dev, 120, tolerance=0.2, dev_chars=chars, picked_by=more)
+    assert more[GLOBAL] - by[0.2][GLOBAL] > more["el"] - by[0.2]["el"]
+
+
+def _write_corpus(root, langs):
+    import random
+
+    root.mkdir()
+    words = {"en": "the quick brown fox jumps over a lazy dog and runs home".split(),
+             "el": "η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο".split(),
+             "de": "der schnelle braune Fuchs springt über den faulen Hund".split()}
+    for lang, ndocs in langs.items():
+        rng = random.Random(lang)
+        with open(root / f"{lang}.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(ndocs):
+                text = " ".join(rng.choice(words[lang]) for _ in range(40))
+                f.write(json.dumps({"text": text, "lang": lang}, ensure_ascii=False) + "\n")
+    return root
+
+
+def test_default_mode_holds_out_documents_is_deterministic_and_round_trips(tmp_path):
+    from levante.tokenizer import LevanteTokenizer, train_tokenizer
+
+    src = _write_corpus(tmp_path / "src", {"en": 200, "el": 30, "de": 60})
+    a = train_tokenizer([src], tmp_path / "a", 400)
+    b = train_tokenizer([src], tmp_path / "b", 400)
+    assert a.sha256 == b.sha256 and a.mode == "hybrid"
+    for lang, ndocs in {"en": 200, "el": 30, "de": 60}.items():  # about a tenth, not trained on
+        held = a.languages[lang].docs_held_out
+        assert 0 < held <= ndocs // 10 and a.languages[lang].docs_seen == ndocs - held
+    assert a.merges_by["el"] > 0 and sum(a.merges_by.values()) == 400 - 7 - 256
+    tok = LevanteTokenizer(a.path)
+    for text in ("the lazy dog", "η γρήγορη αλεπού 😀", "über\tden\n  Hund "):
+        assert tok.decode(tok.encode(text)) == text
+    plain = train_tokenizer([src], tmp_path / "plain", 400, mode="frequency")
+    greek = "η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο"
+    assert len(tok.encode(greek)) < len(LevanteTokenizer(plain.path).encode(greek))
+
+
+def test_bad_mode_and_tolerance_are_one_line_user_errors(run_levante, tmp_path):
+    from levante.errors import LevanteError
+    from levante.tokenizer import train_tokenizer
+
+    src = _write_corpus(tmp_path / "src", {"en": 20})
+    for kwargs, msg in (({"mode": "bogus"}, "mode must be one of"),
+                        ({"tolerance": -1.0}, "tolerance must be >= 0"),
+                        ({"mode": "parity", "tolerance": 0.5}, "only applies to mode 'hybrid'"),
+                        ({"mode": "frequency", "parity_paths": [src]}, "not mode 'frequency'")):
+        with pytest.raises(LevanteError, match=msg):
+            train_tokenizer([src], tmp_path / "out", 400, **kwargs)
+    r = run_levante("tokenizer", "train", src, "--out", tmp_path / "cli", "--vocab-size", "400",
+                    "--mode", "bogus")
+    assert r.returncode == 2 and "mode must be one of" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -60,10 +60,11 @@ def test_round_trip_is_exact_for_any_script(trained):
         assert all(0 <= i < tok.vocab_size for i in ids)
     batch = tok.encode_batch(SAMPLES)
     assert batch == [tok.encode(t) for t in SAMPLES]
-    # trained merges compress the training languages below one token per byte
+    # trained merges compress the training languages below one token per character (the default
+    # mode spends this tiny vocabulary mostly on Greek and Bulgarian, two bytes a letter)
     english, greek = "the quick brown fox jumps over a lazy dog", " πηδάει πάνω από τον τεμπέλη σκύλο"
-    assert len(tok.encode(english)) < 0.5 * len(english.encode("utf-8"))
-    assert len(tok.encode(greek)) < 0.75 * len(greek.encode("utf-8"))
+    assert len(tok.encode(english)) < 0.8 * len(english)
+    assert len(tok.encode(greek)) < 0.75 * len(greek)
 
 
 def test_special_tokens_have_fixed_ids_and_corpus_text_cannot_forge_them(trained):
@@ -121,7 +122,7 @@ def test_language_balance_moves_sampled_shares_and_fertility(tmp_path):
     paths = [write_lang(tmp_path / "en.jsonl", "en", 400), write_lang(tmp_path / "el.jsonl", "el", 20)]
     evals = [write_lang(tmp_path / "v_en.jsonl", "en", 20, seed=1),
              write_lang(tmp_path / "v_el.jsonl", "el", 20, seed=1)]
-    reports = {a: train_tokenizer(paths, tmp_path / f"a{a}", 400, alpha=a, eval_paths=evals)
+    reports = {a: train_tokenizer(paths, tmp_path / f"a{a}", 400, alpha=a, eval_paths=evals, mode="frequency")
                for a in (1.0, 0.5, 0.0)}
     natural = reports[1.0].languages["el"].share_seen
     assert natural < 0.15
@@ -134,11 +135,15 @@ def test_language_balance_moves_sampled_shares_and_fertility(tmp_path):
     assert reports[0.0].fertility["el"].tokens_per_byte < reports[1.0].fertility["el"].tokens_per_byte
     assert reports[1.0].fertility["en"].parity == 1.0
     assert reports[0.0].fertility["el"].tokens_per_word > 0
+    # the hybrid mode balances characters, not bytes: at alpha=0 Greek (two bytes a letter) gets
+    # about as much text as English, so well over half the bytes
+    hybrid = train_tokenizer(paths, tmp_path / "hybrid", 400, alpha=0.0)
+    assert hybrid.languages["el"].share_sampled > 0.6
 
 
 def test_training_is_deterministic(trained, tmp_path):
     d, report = trained
-    again = train_tokenizer([d / f"{lang}.jsonl" for lang in WORDS], tmp_path / "t.json", 400, seed=0)
+    again = train_tokenizer([d / f"{lang}.jsonl" for lang in WORDS], tmp_path / "t.json", 400, alpha=0.3, seed=0)
     assert again.path == tmp_path / "t.json"
     assert again.sha256 == report.sha256
 

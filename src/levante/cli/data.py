@@ -50,12 +50,20 @@ def tokenizer_train(
                                       "Default: the bundled sample corpus."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (or path ending in .json)."),
     vocab_size: int = typer.Option(8192, help="Vocabulary size including special tokens."),
-    alpha: float = typer.Option(0.3, help="Language balancing: 1 keeps natural shares, 0 samples uniformly."),
+    alpha: float = typer.Option(None, help="Language balancing: 1 keeps natural shares, 0 samples uniformly "
+                                "(default: 0 in mode hybrid, 0.3 otherwise)."),
     seed: int = typer.Option(0),
     eval_data: list[Path] = typer.Option(None, "--eval", help="Held-out files for the fertility report."),
     overwrite: bool = typer.Option(False, help="Replace an existing tokenizer at --out."),
-    parity: Path = typer.Option(None, "--parity", help="Parity-aware BPE: folder of line-aligned <lang>.txt "
-                                "files; each merge goes to the language with the most tokens on them."),
+    mode: str = typer.Option("hybrid", help="hybrid: the corpus's most frequent merge unless the worst-"
+                             "compressed language is more than --tolerance above the mean, then that "
+                             "language's; parity: always the worst language's (arXiv 2508.04796); "
+                             "frequency: plain BPE on the alpha-resampled corpus (HF trainer)."),
+    tolerance: float = typer.Option(None, help="hybrid only; default 0.005 with held-out documents, 0.06 with "
+                                    "--parity (chosen on FLORES dev)."),
+    parity: Path = typer.Option(None, "--parity", help="Folder of line-aligned <lang>.txt files: measure "
+                                "compression as true token premiums on them instead of tokens per "
+                                "character on documents held out from the corpus."),
 ):
     """Train a language-balanced byte-level BPE tokenizer and report per-language fertility."""
     from levante.data.readers import bundled_corpus
@@ -64,7 +72,8 @@ def tokenizer_train(
     paths = data or bundled_corpus("train")
     report = train_tokenizer(paths, out, vocab_size, alpha=alpha, seed=seed,
                              eval_paths=eval_data or (None if data else bundled_corpus("valid")),
-                             overwrite=overwrite, parity_paths=[parity] if parity else None)
+                             overwrite=overwrite, parity_paths=[parity] if parity else None,
+                             mode=mode, tolerance=tolerance)
     table = Table(title=f"tokenizer {report.path} ({report.vocab_size} tokens, sha256 {report.sha256[:12]})")
     for col in ("lang", "docs", "bytes", "natural share", "sampled share", "tokens/byte", "parity vs en"):
         table.add_column(col, justify="right")
@@ -75,6 +84,9 @@ def tokenizer_train(
                       f"{f.tokens_per_byte:.3f}" if f else "-",
                       f"{f.parity:.2f}" if f and f.parity is not None else "-")
     console.print(table)
+    if report.merges_by:
+        chosen = ", ".join(f"{k} {v}" for k, v in sorted(report.merges_by.items(), key=lambda kv: -kv[1]))
+        console.print(f"mode {report.mode} (tolerance {report.tolerance}): merges chosen by {chosen}")
 
 
 @tokenizer_app.command("report")
