@@ -156,7 +156,7 @@ def run_quickstart(out: str | Path = "quickstart", minutes: float = 4.0, steps: 
     train_files, valid_files = [out / "prepared" / "train"], [out / "prepared" / "valid"]
 
     console.rule(f"[bold]1/{stages} tokenizer")
-    tok = train_tokenizer(train_files, out / "tokenizer", vocab_size=8192, alpha=0.3, eval_paths=valid_files)
+    tok = train_tokenizer(train_files, out / "tokenizer", vocab_size=8192, eval_paths=valid_files)
     console.print(f"byte-level BPE, {tok.vocab_size} tokens, {len(tok.languages)} languages -> {tok.path}")
 
     console.rule(f"[bold]2/{stages} token shards")
