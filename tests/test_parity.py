@@ -4,6 +4,7 @@ the same text itself."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,17 @@ def test_bad_mode_and_tolerance_are_one_line_user_errors(run_levante, tmp_path):
     r = run_levante("tokenizer", "train", src, "--out", tmp_path / "cli", "--vocab-size", "400",
                     "--mode", "bogus")
     assert r.returncode == 2 and "mode must be one of" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_pair_counts_survive_overlapping_merges(seed):
+    # Words from a two- or three-letter alphabet are full of runs ("abab", "aaaa") where merges overlap;
+    # the trainer's local count updates must still give the textbook merge order on the summed counts.
+    from levante.tokenizer.parity_bpe import train_parity_bpe, word_counts
+
+    r = random.Random(seed)
+    x = word_counts([" ".join("".join(r.choice("ab") for _ in range(r.randint(1, 9))) for _ in range(30))])
+    y = word_counts([" ".join("".join(r.choice("abc") for _ in range(r.randint(1, 9))) for _ in range(30))])
+    merges = train_parity_bpe({"x": x, "y": y}, {"x": x, "y": y}, 40, tolerance=float("inf"),
+                              dev_chars={"x": 5, "y": 5})
+    assert merges == _naive_bpe(_sum_counts(x, y), 40)[0]
