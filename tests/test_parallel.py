@@ -21,10 +21,14 @@ from safetensors.torch import load_file
 STEPS = 3
 RTOL = 1e-5
 ENV = {"OMP_NUM_THREADS": "1"}
-# Muon's Newton–Schulz runs in bf16 where the CPU has fast bf16 ("auto"), which turns 1e-7 gradient
-# rounding differences into ~1e-4; in fp32 (optim.muon_ns_dtype, as here) N ranks must match 1 rank to
-# float rounding. test_parallel_acceptance.py measures the default.
-NS_FP32 = {"muon_ns_dtype": "float32"}
+# Two optimizer settings turn 1e-7 gradient rounding differences (all-reduce order) into far larger
+# weight differences, and are set here so that N ranks must match 1 rank to float rounding:
+# - Muon's Newton–Schulz runs in bf16 where the CPU has fast bf16 ("auto"): ~1e-4; fp32 here.
+# - Adam divides by sqrt(v) + eps: an element whose gradient is near eps (a rare token's lm_head row:
+#   2.9e-8 at step 1, seen) moves by lr * g / (|g| + eps), so 1e-9 of rounding shifts it by ~1% of lr.
+#   eps 1e-5 keeps every element well away from that.
+# test_parallel_acceptance.py measures the defaults.
+EXACT_OPTIM = {"muon_ns_dtype": "float32", "eps": 1e-5}
 
 
 def torchrun(nproc: int, *args, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -55,9 +59,9 @@ def assert_close(a: float, b: float, what: str, rtol: float) -> None:
 
 
 def config(ws, path: Path, micro: int, optim: str, parallel: dict | None = None, steps: int = STEPS,
-           ns_dtype: str = "float32") -> Path:
+           ns_dtype: str = "float32", eps: float = EXACT_OPTIM["eps"]) -> Path:
     path = ws.write_config(path, model={"num_nextn_predict_layers": 1},
-                           optim={"name": optim, "muon_ns_dtype": ns_dtype},
+                           optim={"name": optim, "muon_ns_dtype": ns_dtype, "eps": eps},
                            run={"steps": steps, "micro_batch_size": micro, "ckpt_every": 0, "eval_every": 0,
                                 "log_every": 1})
     if parallel:  # TinyWorkspace.write_config knows the five classic tables only

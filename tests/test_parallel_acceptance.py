@@ -45,7 +45,7 @@ def rel(a: float, b: float) -> float:
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_n_ranks_match_one_rank_for_20_steps(tiny_workspace, tmp_path, optim):
     ref_bias = run(1, config(tiny_workspace, tmp_path / "one.toml", GLOBAL_BATCH, optim, steps=STEPS,
-                             ns_dtype="auto"),
+                             ns_dtype="auto", eps=1e-8),
                    tmp_path / "one")[0]
     ref = steps_of(tmp_path / "one")
     assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
@@ -53,7 +53,7 @@ def test_n_ranks_match_one_rank_for_20_steps(tiny_workspace, tmp_path, optim):
     for nproc, ep in LAYOUTS:
         name = f"{nproc}-rank ep={ep}"
         cfg = config(tiny_workspace, tmp_path / f"{nproc}_{ep}.toml", GLOBAL_BATCH // nproc, optim,
-                     {"ep": ep} if ep > 1 else None, steps=STEPS, ns_dtype="auto")  # Muon's default
+                     {"ep": ep} if ep > 1 else None, steps=STEPS, ns_dtype="auto", eps=1e-8)  # the defaults
         biases = run(nproc, cfg, tmp_path / f"{nproc}_{ep}")
         got = steps_of(tmp_path / f"{nproc}_{ep}")
         assert [r["tokens"] for r in got] == [r["tokens"] for r in ref], name

@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_parallel import ENV, NS_FP32, RTOL, assert_close, steps_of, torchrun
+from test_parallel import ENV, EXACT_OPTIM, RTOL, assert_close, steps_of, torchrun
 
 STEPS, SAVE = 4, 2
 GLOBAL_BATCH = 4
 
 
 def cfg(ws, path: Path, world: int, ep: int = 1) -> Path:
-    path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim=NS_FP32,
+    path = ws.write_config(path, model={"num_nextn_predict_layers": 1}, optim=EXACT_OPTIM,
                            run={"steps": STEPS, "micro_batch_size": GLOBAL_BATCH // world, "ckpt_every": SAVE,
                                 "keep_last": 3, "eval_every": 0, "log_every": 1})
     path.write_text(path.read_text() + f"\n[parallel]\nep = {ep}\n")

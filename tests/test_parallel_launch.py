@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_parallel import ENV, NS_FP32, RTOL, assert_close, config, steps_of
+from test_parallel import ENV, EXACT_OPTIM, RTOL, assert_close, config, steps_of
 
 
 def free_port() -> int:
@@ -58,7 +58,7 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes(tiny_works
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
     run_table = {"steps": KILL_STEPS, "micro_batch_size": 2, "log_every": 1, "eval_every": 0}
-    cfg = tiny_workspace.write_config(tmp_path / "c.toml", optim=NS_FP32, run={**run_table, "ckpt_every": 1})
+    cfg = tiny_workspace.write_config(tmp_path / "c.toml", optim=EXACT_OPTIM, run={**run_table, "ckpt_every": 1})
     run = tmp_path / "run"
     with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
         proc = popen_levante("train", cfg, "--out", run, "--nproc", 2, stdout=out, stderr=err)
@@ -81,7 +81,7 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes(tiny_works
     assert logged and 2 < logged[0] and logged == list(range(logged[0], KILL_STEPS + 1)), logged
     # ... training what an uninterrupted 2-rank run trains.
     whole = tmp_path / "whole"
-    reference = tiny_workspace.write_config(tmp_path / "r.toml", optim=NS_FP32, run={**run_table, "ckpt_every": 0})
+    reference = tiny_workspace.write_config(tmp_path / "r.toml", optim=EXACT_OPTIM, run={**run_table, "ckpt_every": 0})
     result = run_levante("train", reference, "--out", whole, "--nproc", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     ref, got = steps_of(whole), steps_of(run)
