@@ -398,9 +398,9 @@ class Engine:
                 r._flush()
             return
         positions = torch.cat((pos, pos + 1), dim=1)
-        slots = RowSlots(rows, positions, max(r.pos for r in reqs) + 2)
+        kv_len = max(r.pos for r in reqs) + 2
         h, logits = self._decode_forward(torch.tensor([[r.last, r.draft] for r in reqs], device=dev), rows,
-                                         positions, slots.kv_len)
+                                         positions, kv_len)
         kept, next_pairs = [], []
         for i, r in enumerate(reqs):
             draft = r.draft
@@ -418,6 +418,6 @@ class Engine:
             r._flush()
         # MTP over the two verified positions; the draft comes from the last one that was kept.
         # A rejected row writes a throwaway entry at pos + 1, which its next step overwrites first.
-        draft_logits = self._decode_draft(h, torch.tensor(next_pairs, device=dev), rows, positions, slots.kv_len)
+        draft_logits = self._decode_draft(h, torch.tensor(next_pairs, device=dev), rows, positions, kv_len)
         for i, r in enumerate(reqs):
             r.draft = int(draft_logits[i, kept[i]].argmax())
