@@ -144,15 +144,14 @@ def stream_bandwidth(mib: int = 64) -> float:
 def trained_speculation(checkpoint: Path, new: int, n_prompts: int, rounds: int, compile: bool) -> dict:
     """MTP self-speculation on a trained checkpoint with an MTP module, batch 1: held-out prompts (the
     first 24 tokens of the bundled corpus's valid documents, one language after another), greedy."""
-    import json as _json
-
+    from levante.data.readers import bundled_corpus
     from levante.infer.load import load_for_inference
 
     model, tok, _ = load_for_inference(checkpoint, device="cpu")
     model.requires_grad_(False)
     docs = []
-    for f in sorted((Path(__file__).parents[1] / "src/levante/sample_corpus").glob("*.valid.jsonl")):
-        docs += [_json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:2]]
+    for f in bundled_corpus("valid"):
+        docs += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:2]]
     prompts = [tok.encode_prompt(d)[:24] for d in docs[:n_prompts]]
     max_len = 24 + new + 2
     engines = {"plain": Engine(model, tok, max_batch=1, max_len=max_len),
@@ -255,8 +254,8 @@ def main(argv=None) -> int:
             print(f"| decode, batch {b}, Engine(compile=True) (built in {build_s[b]:.0f} s) "
                   f"| {lc:,.0f} | {h:,.0f} | {lc / h:.2f}x |")
     print(f"\nmemory floor: weights stream at {bandwidth / 1e9:.1f} GB/s (one-row linear over 64 MiB, this run)")
-    for b in batches:
-        need = weight_bytes_per_step(model, b)
+    need_bytes = {b: weight_bytes_per_step(model, b) for b in batches}
+    for b, need in need_bytes.items():
         floor = b * bandwidth / need
         print(f"  batch {b}: {need / 2**20:.1f} MiB of weights per step -> at most {floor:,.0f} tokens/s, "
               f"{floor / med[f'hf b{b}']:.2f}x transformers")
@@ -282,7 +281,7 @@ def main(argv=None) -> int:
             "cache_bytes_per_token": {"latent": latent, "full": full}, "hf_impl": impl,
             "compile_build_s": build_s, "peak_rss_mib": peak_rss, "trained_mtp": trained,
             "stream_bytes_per_s": bandwidth,
-            "weight_bytes_per_step": {b: weight_bytes_per_step(model, b) for b in batches}}, indent=2))
+            "weight_bytes_per_step": need_bytes}, indent=2))
     return 0
 
 
