@@ -166,7 +166,7 @@ def train_parity_bpe(train: dict[str, Counter], dev: dict[str, Counter], num_mer
                     where[p].add(i)
                 elif p != pick:  # a fallen count may still be positive: keep the word then
                     if new_pairs is None:
-                        new_pairs = set(zip(new, new[1:]))  # noqa: B905
+                        new_pairs = set(zip(new, new[1:], strict=False))
                     if p not in new_pairs:
                         where[p].discard(i)
             words[i] = new
