@@ -52,6 +52,23 @@ def test_batched_greedy_equals_alone_equals_full_forward(model):
     assert batched == oracle
 
 
+def test_cpu_engine_stores_linear_weights_transposed_with_the_same_values_and_ties():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, intermediate_size=32, tie_word_embeddings=True,
+                      max_position_embeddings=64)
+    m = Transformer(cfg).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    head = m.lm_head.weight
+    out = Engine(m, LetterTokenizer(), max_batch=1).generate([PROMPTS[0]], GREEDY)[0]
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(mod.weight.stride() == (1, mod.weight.shape[0]) for mod in linears)
+    assert m.lm_head.weight is head and m.embed_tokens.weight is head
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert out == full_forward_greedy(m, PROMPTS[0], GREEDY.max_new_tokens)
+
+
 def test_joining_a_running_batch_changes_no_output(model):
     engine = Engine(model, LetterTokenizer(), max_batch=4)
     first = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False))
