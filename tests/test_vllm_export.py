@@ -36,7 +36,10 @@ def served(tmp_path_factory, tiny_workspace):
     hf_dir = export_hf(tmp / "run", tmp / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the default would take far more
-    llm = vllm.LLM(model=str(hf_dir), dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+    # vllm-cpu 0.32.0's fused rotary-embedding kernel is what differed from transformers (0.01-0.1 nats
+    # from the second token on, exact on one token); its PyTorch rope ("-rotary_embedding") matches.
+    llm = vllm.LLM(model=str(hf_dir), dtype="float32", max_model_len=128, enforce_eager=True, seed=0,
+                   compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
 
     def compare(ids):
         with torch.no_grad():
@@ -59,11 +62,14 @@ def test_vllm_loads_the_export_and_matches_on_a_one_token_prompt(served):
     assert first == int(ref.argmax())
 
 
-@pytest.mark.xfail(reason="vllm-cpu 0.32.0 differs from transformers by 0.01-0.06 nats on prompts longer than one "
-                          "token (exact on one token): seen, not yet explained", strict=False)
-def test_vllm_matches_transformers_on_a_longer_prompt(served):
+def test_vllm_matches_transformers_on_longer_prompts(served):
+    """Attention across positions: the rope, the softmax scale and the latent up-projections."""
     compare, tok = served
-    pairs, first, ref = compare(tok.encode_prompt("Die Sonne scheint über den Bergen"))
-    for got, want in pairs.values():
-        assert got == pytest.approx(want, abs=2e-3)
-    assert first == int(ref.argmax())
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok.encode_prompt("Die Sonne scheint über den Bergen")]
+    prompts += [torch.randint(3, 400, (n,), generator=g).tolist() for n in (2, 3, 8, 20, 60)]
+    for ids in prompts:
+        pairs, first, ref = compare(ids)
+        for got, want in pairs.values():
+            assert got == pytest.approx(want, abs=1e-4)
+        assert first == int(ref.argmax())
