@@ -225,6 +225,24 @@ def test_levante_export_loads_in_transformers(i, tmp_path):
         assert max_abs(hf(ids).logits, model(ids).logits) < TOL
 
 
+def test_dense_export_loads_in_transformers(tmp_path):
+    # A model without routed experts (the dense-tiny preset's shape): every layer a dense MLP.
+    spec = {**SPECS[0], "n_routed_experts": 0}
+    model = levante.Transformer(levante_config(spec)).eval()
+    randomize(model, seed=300)
+    save_levante_checkpoint(model, tmp_path / "ckpt")
+    hf, _ = load_hf(export_hf(tmp_path / "ckpt", tmp_path / "hf"))
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in hf.model.layers)
+    ids = input_ids(spec, seed=0)
+    with torch.no_grad():
+        assert max_abs(hf(ids).logits, model(ids).logits) < TOL
+    back = import_hf(tmp_path / "hf", tmp_path / "back")
+    reimported = levante.from_pretrained(back)
+    assert reimported.config.n_routed_experts == 0
+    with torch.no_grad():
+        assert max_abs(reimported(ids).logits, model(ids).logits) < TOL
+
+
 def mtp_model(tmp_path, depth: int = 1):
     spec = {**SPECS[5], "num_nextn_predict_layers": depth}
     model = levante.Transformer(levante_config(spec)).eval()

@@ -48,8 +48,9 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
         "torch_dtype": torch_dtype,
     }
     if cfg.n_routed_experts == 0:
-        # Dense model: every layer is a dense MLP; keep the MoE keys well-formed for readers.
-        out.update(n_routed_experts=None, first_k_dense_replace=cfg.num_hidden_layers,
+        # Dense model: every layer is a dense MLP; keep the MoE keys well-formed for readers
+        # (transformers' config validation wants an int here, not null).
+        out.update(n_routed_experts=0, first_k_dense_replace=cfg.num_hidden_layers,
                    num_experts_per_tok=None, n_group=1, topk_group=1)
     if cfg.rope_scaling is not None:
         rs = dict(cfg.rope_scaling)
