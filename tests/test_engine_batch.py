@@ -1,5 +1,7 @@
 """The continuous-batching engine against plain full forwards: batching, joining, speculation, text."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -52,13 +54,9 @@ def test_batched_greedy_equals_alone_equals_full_forward(model):
     assert batched == oracle
 
 
-def test_cpu_engine_stores_linear_weights_transposed_with_the_same_values_and_ties():
+def test_cpu_engine_stores_linear_weights_transposed_with_the_same_values_and_ties(model):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
-                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=16, intermediate_size=32, tie_word_embeddings=True,
-                      max_position_embeddings=64)
-    m = Transformer(cfg).eval().requires_grad_(False)
+    m = Transformer(replace(model.config, tie_word_embeddings=True)).eval().requires_grad_(False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     head = m.lm_head.weight
     out = Engine(m, LetterTokenizer(), max_batch=1).generate([PROMPTS[0]], GREEDY)[0]
