@@ -30,28 +30,35 @@ class RowSlots:
     rows: torch.Tensor
     positions: torch.Tensor
     kv_len: int
+    # rows are 0..B-1 in order (the batching engine keeps its running rows packed at the front), so
+    # attention reads the cache in place instead of gathering a copy of every row each step
+    leading: bool = False
 
 
 class LatentCache:
-    """Per-layer decode cache: the normalised kv latent and the rotated rope key of each token."""
+    """Per-layer decode cache: the normalised kv latent and the rotated rope key of each token, side by
+    side in one tensor [B, S, kv_lora_rank + rope], so the keys are all of it and the values its first
+    kv_lora_rank columns: both are views, nothing is concatenated per step."""
 
     def __init__(self, batch: int, max_len: int, cfg: ModelConfig, device, dtype):
-        self.c_kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.kv = torch.zeros(batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device, dtype=dtype)
 
-    def write(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+    def write(self, start: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         end = start + c_kv.shape[1]
-        if end > self.c_kv.shape[1]:
-            raise ValueError(f"cache holds {self.c_kv.shape[1]} positions, asked to write up to {end}")
-        self.c_kv[:, start:end] = c_kv
-        self.k_rope[:, start:end] = k_rope
-        return self.c_kv[:, :end], self.k_rope[:, :end]
+        if end > self.kv.shape[1]:
+            raise ValueError(f"cache holds {self.kv.shape[1]} positions, asked to write up to {end}")
+        self.kv[:, start:end] = torch.cat((c_kv, k_rope), dim=-1)
+        return self.kv[:, :end]
 
-    def write_rows(self, slots: RowSlots, c_kv: torch.Tensor, k_rope: torch.Tensor):
-        rows = slots.rows[:, None]
-        self.c_kv[rows, slots.positions] = c_kv
-        self.k_rope[rows, slots.positions] = k_rope
-        return self.c_kv[slots.rows, : slots.kv_len], self.k_rope[slots.rows, : slots.kv_len]
+    def write_rows(self, slots: RowSlots, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        self.kv[slots.rows[:, None], slots.positions] = torch.cat((c_kv, k_rope), dim=-1)
+        if slots.leading:
+            return self.kv[: c_kv.shape[0], : slots.kv_len]
+        return self.kv[slots.rows, : slots.kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` into row `dst`."""
+        self.kv[dst, :length] = self.kv[src, :length]
 
 
 class MLA(nn.Module):
@@ -100,11 +107,9 @@ class MLA(nn.Module):
         if cache is None:
             out = self._expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
         elif isinstance(start, RowSlots):
-            c_kv, k_rope = cache.write_rows(start, c_kv, k_rope)
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start.positions)
+            out = self._absorbed(q_nope, q_rope, cache.write_rows(start, c_kv, k_rope), start.positions)
         else:
-            c_kv, k_rope = cache.write(start, c_kv, k_rope)
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
+            out = self._absorbed(q_nope, q_rope, cache.write(start, c_kv, k_rope), start)
         return self.o_proj(out.flatten(2))
 
     def _expanded(self, q_nope, q_rope, c_kv, k_rope, attn_mask=None):
@@ -123,27 +128,27 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., : self.v_dim]  # [B, T, H, v_dim]
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int | torch.Tensor):
-        """Attention straight against the cached latent: W_uk folds into q, W_uv into the output."""
+    def _absorbed(self, q_nope, q_rope, kv, start: int | torch.Tensor):
+        """Attention straight against the cached latent (`kv` = [c_kv, k_rope] per position, as
+        LatentCache holds it): W_uk folds into q, W_uv into the output."""
         b, t, h, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
         q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, H, T, kv_rank + rope]
-        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # [B, 1, S, kv_rank + rope]: one shared head
-        v = c_kv[:, None]
         mask = None
         if isinstance(start, torch.Tensor):  # per-row positions [B, T]: row b's query i sees keys <= its position
-            s = k.shape[2]
-            mask = (torch.arange(s, device=q.device)[None, None, :] <= start[:, :, None])[:, None]
+            mask = (torch.arange(kv.shape[1], device=q.device)[None, None, :] <= start[:, :, None])[:, None]
         elif t > 1:  # query i sits at position start + i and sees keys 0..start + i
-            s = k.shape[2]
             q_pos = torch.arange(start, start + t, device=q.device)[:, None]
-            mask = torch.arange(s, device=q.device)[None, :] <= q_pos
-        # One shared key head: fold the query heads into the query rows ([B, 1, H*T, .]) instead of
-        # enable_gqa, whose CPU path expands k and v to every head (~30x slower at batch 16).
+            mask = torch.arange(kv.shape[1], device=q.device)[None, :] <= q_pos
+        # One shared key head (an MQA over the latent): the query heads fold into the query rows,
+        # [B, H*T, .] against the keys [B, S, .] read in place. (SDPA's CPU paths copy the keys: enable_gqa
+        # expands them to every head, inductor's decomposition transposes them into a new buffer.)
+        scores = torch.matmul(q.reshape(b, h * t, -1), kv.transpose(1, 2)) * self.scale  # [B, H*T, S]
         if mask is not None:
             mask = mask.expand(b, 1, t, -1) if mask.dim() == 4 else mask[None, None]
-            mask = mask.expand(b, h, t, mask.shape[-1]).reshape(b, 1, h * t, -1)
-        out = F.scaled_dot_product_attention(q.reshape(b, 1, h * t, -1), k, v, attn_mask=mask, scale=self.scale)
+            scores = scores.masked_fill(~mask.expand(b, h, t, mask.shape[-1]).reshape(b, h * t, -1), float("-inf"))
+        probs = scores.float().softmax(-1).to(kv.dtype)
+        out = torch.matmul(probs, kv[..., : self.kv_rank])  # [B, H*T, kv_rank]: the values are the latent
         return torch.einsum("bhtc,hvc->bthv", out.view(b, h, t, -1), w_uv)
