@@ -8,7 +8,9 @@ import torch
 from levante import ModelConfig, Transformer
 from levante.errors import LevanteError
 from levante.infer.batch import Engine, apply_repetition_penalty
+from levante.infer.cpu import PackedLinear
 from levante.infer.engine import SamplingParams
+from levante.model.attention import LatentCache
 from levante.model.kernels import grouped_linear
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
@@ -67,6 +69,16 @@ def test_cpu_engine_stores_linear_weights_transposed_with_the_same_values_and_ti
     assert out == full_forward_greedy(m, PROMPTS[0], GREEDY.max_new_tokens)
 
 
+@pytest.mark.skipif(not PackedLinear.available(torch.zeros(1)), reason="this torch build has no oneDNN")
+def test_packed_head_equals_the_linear_it_replaces(model):
+    w = torch.randn(300, 40).t().contiguous().t()  # the engine's CPU layout
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, 1, 40)
+        torch.testing.assert_close(PackedLinear(w, rows_hint=4)(x), torch.nn.functional.linear(x, w))
+    engine = Engine(model, LetterTokenizer(), max_batch=2)
+    assert isinstance(engine._head, PackedLinear) and engine._head.weight is model.lm_head.weight
+
+
 def test_joining_a_running_batch_changes_no_output(model):
     engine = Engine(model, LetterTokenizer(), max_batch=4)
     first = engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=16, temperature=0, stop_at_eos=False))
@@ -78,6 +90,23 @@ def test_joining_a_running_batch_changes_no_output(model):
         r.result()
     assert first.output_ids == full_forward_greedy(model, PROMPTS[2], 16)
     assert [r.output_ids for r in late] == [full_forward_greedy(model, p, 10) for p in PROMPTS[:2]]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_rows_moved_to_the_front_keep_their_output(model, monkeypatch, speculative):
+    """A request that finishes early leaves a hole at the front of the cache; a later row moves into it
+    (the decode step reads rows 0..B-1 in place) and carries on exactly as it would have."""
+    moves = []
+    move = LatentCache.move
+    monkeypatch.setattr(LatentCache, "move", lambda self, *a: (moves.append(a), move(self, *a)))
+    lengths = [3, 14, 9, 12, 5]
+    engine = Engine(model, LetterTokenizer(), max_batch=5, speculative=speculative)
+    cases = list(zip(PROMPTS, lengths, strict=True))
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False)) for p, n in cases]
+    for r in reqs:
+        r.result()
+    assert moves and all(dst < src for src, dst, _ in moves)
+    assert [r.output_ids for r in reqs] == [full_forward_greedy(model, p, n) for p, n in cases]
 
 
 def test_speculative_equals_greedy_and_reports_acceptance(model):
@@ -104,10 +133,10 @@ def test_verification_keeps_right_drafts_and_drops_wrong_ones(model, oracle_draf
         calls.append(ids.shape)
         return forward(ids, slots)
 
-    def draft(h, next_ids, slots):  # MTP at position i predicts token i + 2
-        logits = torch.zeros(*next_ids.shape, model.config.vocab_size)
-        for t, p in enumerate(slots.positions[0].tolist()):
-            logits[0, t, (seq[p + 2] + (0 if oracle_draft else 1)) % model.config.vocab_size] = 1
+    def draft(h, next_ids, slots, pick):  # MTP at position i predicts token i + 2
+        logits = torch.zeros(1, model.config.vocab_size)
+        p = int(slots.positions[0, pick[0]])
+        logits[0, (seq[p + 2] + (0 if oracle_draft else 1)) % model.config.vocab_size] = 1
         return logits
 
     engine._forward, engine._draft = counted, draft

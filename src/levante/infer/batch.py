@@ -3,7 +3,8 @@
 The cache has `max_batch` slots; each holds, per layer, only the normalised kv latent and the rope
 key of every position (`LatentCache`). A request takes a free slot, is prefilled alone, then joins
 the running decode batch; every step runs all running rows together, each at its own position
-(`RowSlots`), and a row leaves as soon as it finishes, freeing its slot for the next request.
+(`RowSlots`), and a row leaves as soon as it finishes, freeing its slot for the next request. The
+running rows are kept packed in slots 0..B-1, so a step reads the cache in place.
 
 Speculative mode (a model with MTP modules): after each step the first MTP module drafts the token
 after next from the main model's last hidden state; the next step feeds [token, draft] and the main
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from levante.errors import LevanteError
+from levante.infer.cpu import PackedLinear, column_major_linears
 from levante.infer.engine import SamplingParams, sample_next
 from levante.model.attention import LatentCache, RowSlots
 from levante.model.rope import rope_cos_sin
@@ -147,18 +149,6 @@ class Request:
             (self.on_delta or self.events.put)(delta)
 
 
-def column_major_linears(model: torch.nn.Module) -> None:
-    """Store every linear weight [out, in] transposed in memory (same values, shape and Parameter).
-
-    A decode step multiplies one row per sequence by each weight, and CPU BLAS streams a weight stored
-    [in, out] 2-3x faster than one stored [out, in] once it is past the caches (bench_infer.py measures
-    both); F.linear picks the faster kernel by itself from the strides.
-    """
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
-            mod.weight.data = mod.weight.data.t().contiguous().t()  # .data: a tied weight stays tied
-
-
 class Engine:
     """A model, its tokenizer and a latent cache of `max_batch` slots of `max_len` positions.
 
@@ -179,8 +169,11 @@ class Engine:
         self.speculative = speculative
         p = model.embed_tokens.weight
         self.device = p.device
+        self._head = model.lm_head
         if self.device.type == "cpu":
             column_major_linears(model)
+            if max_batch > 1 and PackedLinear.available(model.lm_head.weight):
+                self._head = PackedLinear(model.lm_head.weight, rows_hint=max_batch)
         self.cache = [LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype)
                       for _ in range(self.cfg.num_hidden_layers)]
         self.mtp_cache = LatentCache(max_batch, self.max_len, self.cfg, p.device, p.dtype) if speculative else None
@@ -301,6 +294,21 @@ class Engine:
             req.slot = None
         self.stats["finished"] += 1
 
+    def _pack_rows(self) -> None:
+        """Keep the running rows in cache rows 0..B-1, in order, so that a decode step reads every
+        layer's cache in place: a row past the front moves into a hole a finished request left."""
+        n = len(self.running)
+        holes = sorted(s for s in self.free if s < n)
+        movers = sorted((r for r in self.running if r.slot >= n), key=lambda r: r.slot)
+        for req, dst in zip(movers, holes, strict=True):
+            for cache in self.cache + ([self.mtp_cache] if self.mtp_cache is not None else []):
+                cache.move(req.slot, dst, req.pos)  # positions past pos are written before they are read
+            self.free.remove(dst)
+            self.free.append(req.slot)
+            req.slot = dst
+        self.free.sort()
+        self.running.sort(key=lambda r: r.slot)
+
     @torch.no_grad()
     def step(self) -> None:
         """Admit waiting requests into free slots (prefill), then one decode step for every running row."""
@@ -316,6 +324,7 @@ class Engine:
                 self._release(r)
                 self.stats["cancelled"] += 1
             admitted = []
+            self.free.sort()  # the lowest free rows first: fewer rows to move in _pack_rows
             while self.waiting and self.free:
                 req = self.waiting.pop(0)
                 req.slot = self.free.pop(0)
@@ -328,6 +337,7 @@ class Engine:
                 else:
                     self._release(req)
             if self.running:
+                self._pack_rows()
                 t0 = time.perf_counter()
                 before = self.stats["generated_tokens"]
                 self._decode(list(self.running))
@@ -336,30 +346,33 @@ class Engine:
                 for r in [r for r in self.running if r.finish_reason is not None]:
                     self._release(r)
 
-    def _forward(self, ids: torch.Tensor, slots: RowSlots):
-        """Main model over `ids` [B, T] at per-row positions -> (final-normed hidden, logits)."""
+    def _forward(self, ids: torch.Tensor, slots: RowSlots) -> torch.Tensor:
+        """Main model over `ids` [B, T] at per-row positions -> final-normed hidden states."""
         m = self.model
         cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         h = m.embed_tokens(ids)
         for layer, cache in zip(m.layers, self.cache, strict=True):
             h, _, _ = layer(h, cos, sin, cache, slots)
-        h = m.norm(h)
-        return h, m.lm_head(h)
+        return m.norm(h)
 
     def _forward_at(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, kv_len: int):
-        return self._forward(ids, RowSlots(rows, positions, kv_len))
+        """A decode step over the running rows, which sit in cache rows 0..B-1 (`_pack_rows`)."""
+        h = self._forward(ids, RowSlots(rows, positions, kv_len, leading=True))
+        return h, self._head(h)
 
-    def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, slots: RowSlots) -> torch.Tensor:
-        """First MTP module: from h_i and token i+1, logits for token i+2 (filling its own cache)."""
+    def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, slots: RowSlots, pick: torch.Tensor) -> torch.Tensor:
+        """First MTP module: from h_i and token i+1, logits for token i+2 (filling its own cache at every
+        position), at position `pick[b]` of each row b only -> [B, vocab]."""
         m, mtp = self.model, self.model.mtp[0]
         cos, sin = self._cos[slots.positions], self._sin[slots.positions]
         x = mtp.eh_proj(torch.cat((mtp.enorm(m.embed_tokens(next_ids)), mtp.hnorm(h)), dim=-1))
         x, _, _ = mtp.block(x, cos, sin, self.mtp_cache, slots)
-        return m.lm_head(mtp.norm(x))
+        x = mtp.norm(x[torch.arange(x.shape[0], device=x.device), pick])
+        return self._head(x)
 
     def _draft_at(self, h: torch.Tensor, next_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  kv_len: int) -> torch.Tensor:
-        return self._draft(h, next_ids, RowSlots(rows, positions, kv_len))
+                  kv_len: int, pick: torch.Tensor) -> torch.Tensor:
+        return self._draft(h, next_ids, RowSlots(rows, positions, kv_len, leading=True), pick)
 
     def _choose(self, req: Request, logits: torch.Tensor) -> int:
         p = req.params
@@ -378,10 +391,10 @@ class Engine:
             ids[i, : lens[i]] = torch.tensor(r.prompt_ids)
         positions = torch.arange(width, device=dev)[None].expand(len(reqs), width)
         slots = RowSlots(torch.tensor([r.slot for r in reqs], device=dev), positions, width)
-        h, logits = self._forward(ids.to(dev), slots)
+        h = self._forward(ids.to(dev), slots)
         last = torch.tensor(lens, device=dev) - 1
         rows = torch.arange(len(reqs), device=dev)
-        final = logits[rows, last]
+        final = self._head(h[rows, last])  # only the last prompt position's logits are used
         for i, r in enumerate(reqs):
             self.stats["prompt_tokens"] += lens[i]
             r.pos = lens[i]
@@ -391,7 +404,7 @@ class Engine:
             nxt = torch.zeros_like(ids)
             for i, r in enumerate(reqs):
                 nxt[i, : lens[i]] = torch.tensor(r.prompt_ids[1:] + [r.last or 0])  # None: already finished
-            drafts = self._draft(h, nxt.to(dev), slots)[rows, last].argmax(-1).tolist()
+            drafts = self._draft(h, nxt.to(dev), slots, last).argmax(-1).tolist()
             for r, d in zip(reqs, drafts, strict=True):
                 r.draft = d
         for r in reqs:
@@ -434,6 +447,7 @@ class Engine:
             r._flush()
         # MTP over the two verified positions; the draft comes from the last one that was kept.
         # A rejected row writes a throwaway entry at pos + 1, which its next step overwrites first.
-        draft_logits = self._decode_draft(h, torch.tensor(next_pairs, device=dev), rows, positions, kv_len)
-        for i, r in enumerate(reqs):
-            r.draft = int(draft_logits[i, kept[i]].argmax())
+        drafts = self._decode_draft(h, torch.tensor(next_pairs, device=dev), rows, positions, kv_len,
+                                    torch.tensor(kept, device=dev)).argmax(-1).tolist()
+        for r, d in zip(reqs, drafts, strict=True):
+            r.draft = d
