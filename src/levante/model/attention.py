@@ -143,12 +143,19 @@ class MLA(nn.Module):
             q_pos = torch.arange(start, start + t, device=q.device)[:, None]
             mask = torch.arange(kv.shape[1], device=q.device)[None, :] <= q_pos
         # One shared key head (an MQA over the latent): the query heads fold into the query rows,
-        # [B, H*T, .] against the keys [B, S, .] read in place. (SDPA's CPU paths copy the keys: enable_gqa
-        # expands them to every head, inductor's decomposition transposes them into a new buffer.)
-        scores = torch.matmul(q.reshape(b, h * t, -1), kv.transpose(1, 2)) * self.scale  # [B, H*T, S]
+        # [B, H*T, .] against the keys [B, S, .]; the values are the latent part of the same cache.
+        q, v = q.reshape(b, h * t, -1), kv[..., : self.kv_rank]
         if mask is not None:
             mask = mask.expand(b, 1, t, -1) if mask.dim() == 4 else mask[None, None]
-            scores = scores.masked_fill(~mask.expand(b, h, t, mask.shape[-1]).reshape(b, h * t, -1), float("-inf"))
-        probs = scores.float().softmax(-1).to(kv.dtype)
-        out = torch.matmul(probs, kv[..., : self.kv_rank])  # [B, H*T, kv_rank]: the values are the latent
+            mask = mask.expand(b, h, t, mask.shape[-1]).reshape(b, h * t, -1)
+        if t == 1:
+            # Decoding: two matmuls read the cache in place. SDPA's CPU paths copy the keys every step
+            # (enable_gqa expands them to every head, inductor's decomposition transposes them).
+            scores = torch.matmul(q, kv.transpose(1, 2)) * self.scale  # [B, H, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.float().softmax(-1).to(kv.dtype), v)
+        else:  # prefill, verification: fused kernels, no [H*T, S] score matrix held in memory
+            out = F.scaled_dot_product_attention(q[:, None], kv[:, None], v[:, None], scale=self.scale,
+                                                 attn_mask=None if mask is None else mask[:, None])[:, 0]
         return torch.einsum("bhtc,hvc->bthv", out.view(b, h, t, -1), w_uv)
