@@ -300,13 +300,13 @@ class Engine:
         n = len(self.running)
         holes = sorted(s for s in self.free if s < n)
         movers = sorted((r for r in self.running if r.slot >= n), key=lambda r: r.slot)
+        caches = self.cache + ([self.mtp_cache] if self.mtp_cache is not None else [])
         for req, dst in zip(movers, holes, strict=True):
-            for cache in self.cache + ([self.mtp_cache] if self.mtp_cache is not None else []):
+            for cache in caches:
                 cache.move(req.slot, dst, req.pos)  # positions past pos are written before they are read
             self.free.remove(dst)
             self.free.append(req.slot)
             req.slot = dst
-        self.free.sort()
         self.running.sort(key=lambda r: r.slot)
 
     @torch.no_grad()
