@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,6 +259,77 @@ def test_sft_export_answers_the_same_in_transformers(sft_runs, tmp_path):
         assert theirs == ours
         produced += len(ours)
     assert produced > 0  # the comparison saw real answer tokens
+
+
+def _metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if "eval" not in r]
+
+
+@pytest.fixture(scope="module")
+def global_batch_runs(tiny_workspace, base_run, run_levante, tmp_path_factory) -> tuple[Path, dict]:
+    """Data whose packed rows hold different numbers of answer tokens, and the reference: one process,
+    the whole global batch of 4 rows in one micro-batch."""
+    tmp_path = tmp_path_factory.mktemp("sft_global")
+    data = tmp_path / "data"
+    data.mkdir()
+    long = [{"lang": "en", "messages": [{"role": "user", "content": "Say it all."},
+                                        {"role": "assistant", "content": " ".join(["la"] * (2 + 3 * i))}]}
+            for i in range(8)]
+    write_jsonl(data / "train.jsonl", conversations(8) + long)
+    write_jsonl(data / "valid.jsonl", conversations(3))
+    cfg = _sft_config(tiny_workspace, base_run, data, 2)
+    cfg["data"]["seq_len"] = 32  # short rows: a few conversations each, different answer lengths
+    cfg["run"].update(ckpt_every=2, eval_every=0, micro_batch_size=4, grad_accum=1)
+    cfg["optim"] = {**cfg.get("optim", {}), "muon_ns_dtype": "float32", "eps": 1e-5}  # see test_parallel.py
+    path = tmp_path / "whole.toml"
+    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+    r = run_levante("train", path, "--out", tmp_path / "whole")
+    assert r.returncode == 0, r.stderr
+    return tmp_path, cfg
+
+
+def _step2_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / "step_00000002" / "model.safetensors")
+
+
+def _assert_same_training(ref: Path, got: Path, got_weights: dict[str, torch.Tensor]) -> None:
+    a, b = _metrics(ref), _metrics(got)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for r1, r2 in zip(a, b, strict=True):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
+    wa, wb = _step2_weights(ref), got_weights
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sft_loss_is_the_mean_over_the_global_batch_not_of_micro_batch_means(global_batch_runs, run_levante):
+    """Two micro-batches of 2 rows train what one micro-batch of the same 4 rows trains."""
+    root, cfg = global_batch_runs
+    cfg = {**cfg, "run": {**cfg["run"], "micro_batch_size": 2, "grad_accum": 2}}
+    path = root / "accum.toml"
+    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+    r = run_levante("train", path, "--out", root / "accum")
+    assert r.returncode == 0, r.stderr
+    _assert_same_training(root / "whole", root / "accum", _step2_weights(root / "accum"))
+
+
+def test_sft_on_two_ranks_trains_what_one_rank_trains(global_batch_runs, run_levante):
+    """torchrun (gloo, CPU): 2 ranks x 2 rows against 1 process x 4 rows, the same global batch."""
+    root, cfg = global_batch_runs
+    cfg = {**cfg, "run": {**cfg["run"], "micro_batch_size": 2}}
+    path = root / "two.toml"
+    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "levante", "train", str(path), "--out", str(root / "two")],
+                       env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_levante("checkpoint", "consolidate", root / "two", root / "two_c")
+    assert r.returncode == 0, r.stderr
+    _assert_same_training(root / "whole", root / "two", load_file(root / "two_c" / "model.safetensors"))
 
 
 def test_bundled_post_training_set_is_clean_and_multilingual(tok):

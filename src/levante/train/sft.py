@@ -1,7 +1,9 @@
 """Supervised fine-tuning on chat data: what `[task] kind = "sft"` changes in the trainer.
 
 Batches are packed conversations (data/chat_data.py) with document masking; the loss is the mean
-cross-entropy over assistant tokens only (targets elsewhere are -100). The model starts from
+cross-entropy over assistant tokens only (targets elsewhere are -100), over every answer token of the
+global batch: micro-batches and ranks hold different numbers of them, and the trainer weights each
+micro-batch's mean by its share (`loss_tokens`), so N ranks train what 1 rank does. The model starts from
 `task.init_from`, whose model config replaces `[model]`; periodic evals give the held-out loss per
 language on the assistant tokens of `data.valid`.
 """
@@ -72,6 +74,11 @@ class SFTTask:
             self.reports["valid"] = vreport.to_dict()
             self.valid = pack_conversations(held, seq, tokenizer.pad_id, cfg.run.seed)
         self.batch_size = cfg.run.micro_batch_size
+
+    @staticmethod
+    def loss_tokens(batch) -> int:
+        """Answer tokens of a batch: what its loss averages over (the trainer weights micro-batches by it)."""
+        return int((batch[1] != IGNORE_INDEX).sum())
 
     def forward(self, forward, batch, device) -> tuple[ModelOutput, torch.Tensor]:
         inputs, targets, doc = (t.to(device) for t in batch)

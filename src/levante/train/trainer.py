@@ -193,16 +193,17 @@ class Trainer:
         # Losses stay on the device until the end of the step: one host sync per step, not per micro-batch.
         sums: dict[str, torch.Tensor] = {}
         lang_loss = {}
-        for micro in range(cfg.run.grad_accum):
-            batch = self.loader.next_batch()
+        batches = [self.loader.next_batch() for _ in range(cfg.run.grad_accum)]
+        weights = self._micro_weights(batches)
+        for micro, batch in enumerate(batches):
             with self.autocast:
                 out, targets = self._micro_forward(batch)
-            (out.loss / cfg.run.grad_accum).backward()
+            (out.loss * weights[micro]).backward()
             self.balancer.observe(out.expert_load)
             for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
                 value = getattr(out, key)
                 if value is not None:
-                    sums[key] = sums.get(key, 0) + value.detach() / cfg.run.grad_accum
+                    sums[key] = sums.get(key, 0) + value.detach() * weights[micro]
             self.tokens += batch[0].numel() * self.dist.world_size
             if per_language and micro == cfg.run.grad_accum - 1:
                 lang_loss = (self.task.loss_per_language(out, targets) if self.task
@@ -242,6 +243,21 @@ class Trainer:
         if reason is not None:
             record["skip_reason"] = reason
         return record
+
+    def _micro_weights(self, batches: list) -> torch.Tensor | list[float]:
+        """Each micro-batch's weight in the step's loss (the ranks' losses are then averaged).
+
+        Equal (1 / grad_accum) unless the task's loss is a mean over a varying number of tokens per
+        micro-batch (SFT: the answer tokens). Then each weighs its tokens over the step's tokens on all
+        ranks, times the world size: the step minimises the mean over every answer token of the global
+        batch, as one rank holding the whole batch would, not a mean of micro-batch means.
+        """
+        count = getattr(self.task, "loss_tokens", None)
+        if count is None:
+            return [1 / len(batches)] * len(batches)
+        n = torch.tensor([count(b) for b in batches], dtype=torch.float64, device=self.device)
+        total = self.dist.all_reduce(n.sum(), "sum").clamp(min=1)
+        return (n * self.dist.world_size / total).float()
 
     def _micro_forward(self, batch):
         """-> (model output with .loss, targets for the per-language loss)."""
