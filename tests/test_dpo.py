@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +108,45 @@ def test_dpo_run_through_the_cli(tiny_workspace, run_levante, tmp_path):
     ckpt = next(Path(tmp_path / "dpo" / "checkpoints").iterdir())
     base = next(Path(tmp_path / "base" / "checkpoints").iterdir())
     assert load_file(ckpt / "model.safetensors").keys() == load_file(base / "model.safetensors").keys()
+
+
+def test_dpo_on_two_ranks_trains_what_one_rank_trains_with_the_reference_sharded(tiny_workspace, run_levante,
+                                                                                   tmp_path):
+    """torchrun (gloo, CPU), 2 ranks x 2 pairs against 1 process x 4 pairs: the same losses and weights,
+    and each rank holds about half of the frozen reference, not a full copy."""
+    config = tiny_workspace.write_config(tmp_path / "pre.toml", run={"steps": 2, "ckpt_every": 2})
+    assert run_levante("train", config, "--out", tmp_path / "base").returncode == 0
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in _pairs(16)) + "\n")
+    cfg = tiny_workspace.config_dict(run={"steps": 2, "ckpt_every": 2, "eval_every": 0, "micro_batch_size": 4},
+                                     optim={"lr": 1e-2, "muon_lr": 0.05, "muon_ns_dtype": "float32", "eps": 1e-5})
+    del cfg["model"]
+    cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "seq_len": 48}
+    cfg["task"] = {"kind": "dpo", "init_from": str(tmp_path / "base"), "beta": 0.5}
+    (tmp_path / "one.toml").write_text(tomli_w.dumps(cfg))
+    assert run_levante("train", tmp_path / "one.toml", "--out", tmp_path / "one").returncode == 0
+    cfg["run"]["micro_batch_size"] = 2
+    (tmp_path / "two.toml").write_text(tomli_w.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = Path(__file__).parent / "parallel_dpo_worker.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), str(tmp_path / "two.toml"), str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def steps(run):
+        return [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" not in x]
+
+    for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    assert run_levante("checkpoint", "consolidate", tmp_path / "two", tmp_path / "two_c").returncode == 0
+    w1 = load_file(next((tmp_path / "one" / "checkpoints").iterdir()) / "model.safetensors")
+    w2 = load_file(tmp_path / "two_c" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    for rank in (0, 1):
+        ref = json.loads((tmp_path / "two" / f"ref_rank{rank}.json").read_text())
+        assert 0.4 < ref["held"] / ref["total"] < 0.6, ref
 
 
 def test_dpo_without_a_reference_is_refused(tiny_workspace, run_levante, tmp_path):

@@ -90,3 +90,10 @@ def parallelize(model: Transformer, dist: Dist, cfg: ParallelConfig, device: tor
     if dist.enabled:
         apply_fsdp(model, dist, device)
     return model
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Free the parameters FSDP2 keeps gathered after a forward without a backward (the root module's:
+    it expects the backward to need them at once). For models that only run forward, as DPO's reference."""
+    if hasattr(model, "reshard"):
+        model.reshard()

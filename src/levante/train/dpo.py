@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from levante.config import TrainConfig
 from levante.data.chat_data import PairLoader, pair_batch, read_pairs
 from levante.model.transformer import ModelOutput
+from levante.parallel.fsdp import release_gathered
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -62,6 +63,7 @@ class DPOTask:
         out = forward(ids)
         with torch.no_grad():
             ref = answer_logps(self.reference(ids).logits, ids, answer)
+        release_gathered(self.reference)
         return out, answer_logps(out.logits, ids, answer), ref
 
     def forward(self, forward, batch, device) -> tuple[ModelOutput, None]:
@@ -97,6 +99,7 @@ def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_
         margins.append(dpo_loss(pol[:p], pol[p:], ref[:p], ref[p:], beta)[1].cpu())
         pol_gap.append((pol[:p] - pol[p:]).cpu())
     model.train(was)
+    release_gathered(reference)
     margin, gap = torch.cat(margins), torch.cat(pol_gap)
     return {"loss": float(-F.logsigmoid(margin).mean()), "reward_margin": float(margin.mean()),
             "reward_accuracy": float((margin > 0).float().mean()), "logp_accuracy": float((gap > 0).float().mean()),

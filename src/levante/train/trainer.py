@@ -125,6 +125,8 @@ class Trainer:
             if cfg.task.kind == "dpo":
                 self.task.set_reference(model)
         self.model = parallelize(model, self.dist, cfg.parallel, self.device)
+        if cfg.task.kind == "dpo":  # the frozen reference is split and sharded as the policy is: no rank holds it whole
+            parallelize(self.task.reference, self.dist, cfg.parallel, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.balancer = RouterBalancer(self.model, cfg.model.bias_update_speed)
         self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
