@@ -86,16 +86,23 @@ def _pairs(n: int) -> list[dict]:
     return out
 
 
-def test_dpo_run_through_the_cli(tiny_workspace, run_levante, tmp_path):
-    config = tiny_workspace.write_config(tmp_path / "pre.toml", run={"steps": 2, "ckpt_every": 2})
-    assert run_levante("train", config, "--out", tmp_path / "base").returncode == 0
+@pytest.fixture(scope="module")
+def base_run(tiny_workspace, run_levante, tmp_path_factory) -> Path:
+    """A 2-step pretraining run: the policy's start and the frozen reference."""
+    root = tmp_path_factory.mktemp("dpo_base")
+    config = tiny_workspace.write_config(root / "pre.toml", run={"steps": 2, "ckpt_every": 2})
+    assert run_levante("train", config, "--out", root / "base").returncode == 0
+    return root / "base"
+
+
+def test_dpo_run_through_the_cli(tiny_workspace, run_levante, tmp_path, base_run):
     for split, n in (("train", 16), ("valid", 8)):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(p) for p in _pairs(n)) + "\n")
     cfg = tiny_workspace.config_dict(run={"steps": 6, "ckpt_every": 0, "eval_every": 3, "micro_batch_size": 4},
                                      optim={"lr": 1e-2, "muon_lr": 0.05})
     del cfg["model"]
     cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "valid": str(tmp_path / "valid.jsonl"), "seq_len": 48}
-    cfg["task"] = {"kind": "dpo", "init_from": str(tmp_path / "base"), "beta": 0.5}
+    cfg["task"] = {"kind": "dpo", "init_from": str(base_run), "beta": 0.5}
     (tmp_path / "dpo.toml").write_text(tomli_w.dumps(cfg))
     r = run_levante("train", tmp_path / "dpo.toml", "--out", tmp_path / "dpo")
     assert r.returncode == 0, r.stderr
@@ -106,22 +113,20 @@ def test_dpo_run_through_the_cli(tiny_workspace, run_levante, tmp_path):
     # The policy moved away from the frozen reference in the direction of the chosen answers.
     assert evals[-1]["reward_margin"] > 0 and evals[-1]["reward_accuracy"] > 0.5
     ckpt = next(Path(tmp_path / "dpo" / "checkpoints").iterdir())
-    base = next(Path(tmp_path / "base" / "checkpoints").iterdir())
+    base = next(Path(base_run / "checkpoints").iterdir())
     assert load_file(ckpt / "model.safetensors").keys() == load_file(base / "model.safetensors").keys()
 
 
 def test_dpo_on_two_ranks_trains_what_one_rank_trains_with_the_reference_sharded(tiny_workspace, run_levante,
-                                                                                   tmp_path):
+                                                                                   tmp_path, base_run):
     """torchrun (gloo, CPU), 2 ranks x 2 pairs against 1 process x 4 pairs: the same losses and weights,
     and each rank holds about half of the frozen reference, not a full copy."""
-    config = tiny_workspace.write_config(tmp_path / "pre.toml", run={"steps": 2, "ckpt_every": 2})
-    assert run_levante("train", config, "--out", tmp_path / "base").returncode == 0
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in _pairs(16)) + "\n")
     cfg = tiny_workspace.config_dict(run={"steps": 2, "ckpt_every": 2, "eval_every": 0, "micro_batch_size": 4},
                                      optim={"lr": 1e-2, "muon_lr": 0.05, "muon_ns_dtype": "float32", "eps": 1e-5})
     del cfg["model"]
     cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "seq_len": 48}
-    cfg["task"] = {"kind": "dpo", "init_from": str(tmp_path / "base"), "beta": 0.5}
+    cfg["task"] = {"kind": "dpo", "init_from": str(base_run), "beta": 0.5}
     (tmp_path / "one.toml").write_text(tomli_w.dumps(cfg))
     assert run_levante("train", tmp_path / "one.toml", "--out", tmp_path / "one").returncode == 0
     cfg["run"]["micro_batch_size"] = 2
