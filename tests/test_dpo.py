@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from safetensors.torch import load_file
 from levante import ModelConfig, Transformer
 from levante.data.chat_data import Pair, pair_batch
 from levante.train.dpo import answer_logps, dpo_loss
+from test_parallel import EXACT_OPTIM, RTOL, steps_of, torchrun_script
 
 
 def paper_loss(pw, pl, rw, rl, beta):
@@ -123,7 +121,7 @@ def test_dpo_on_two_ranks_trains_what_one_rank_trains_with_the_reference_sharded
     and each rank holds about half of the frozen reference, not a full copy."""
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in _pairs(16)) + "\n")
     cfg = tiny_workspace.config_dict(run={"steps": 2, "ckpt_every": 2, "eval_every": 0, "micro_batch_size": 4},
-                                     optim={"lr": 1e-2, "muon_lr": 0.05, "muon_ns_dtype": "float32", "eps": 1e-5})
+                                     optim={"lr": 1e-2, "muon_lr": 0.05, **EXACT_OPTIM})
     del cfg["model"]
     cfg["data"] = {"train": str(tmp_path / "train.jsonl"), "seq_len": 48}
     cfg["task"] = {"kind": "dpo", "init_from": str(base_run), "beta": 0.5}
@@ -131,24 +129,17 @@ def test_dpo_on_two_ranks_trains_what_one_rank_trains_with_the_reference_sharded
     assert run_levante("train", tmp_path / "one.toml", "--out", tmp_path / "one").returncode == 0
     cfg["run"]["micro_batch_size"] = 2
     (tmp_path / "two.toml").write_text(tomli_w.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     worker = Path(__file__).parent / "parallel_dpo_worker.py"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(worker), str(tmp_path / "two.toml"), str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    r = torchrun_script(2, worker, tmp_path / "two.toml", tmp_path / "two", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-
-    def steps(run):
-        return [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" not in x]
-
-    for a, b in zip(steps(tmp_path / "one"), steps(tmp_path / "two"), strict=True):
+    for a, b in zip(steps_of(tmp_path / "one"), steps_of(tmp_path / "two"), strict=True):
         for key in ("loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=RTOL), (a["step"], key)
     assert run_levante("checkpoint", "consolidate", tmp_path / "two", tmp_path / "two_c").returncode == 0
     w1 = load_file(next((tmp_path / "one" / "checkpoints").iterdir()) / "model.safetensors")
     w2 = load_file(tmp_path / "two_c" / "model.safetensors")
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(w2[name], w1[name], rtol=RTOL, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     for rank in (0, 1):
         ref = json.loads((tmp_path / "two" / f"ref_rank{rank}.json").read_text())
         assert 0.4 < ref["held"] / ref["total"] < 0.6, ref

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from levante.errors import LevanteError
 from levante.model.transformer import IGNORE_INDEX
 from levante.tokenizer import LevanteTokenizer
 from levante.tokenizer.chat import chat_segments
+from test_parallel import EXACT_OPTIM, RTOL, steps_of, torchrun
 
 GOOD = [
     {"lang": "en", "messages": [{"role": "user", "content": "Hello!"},
@@ -261,11 +259,6 @@ def test_sft_export_answers_the_same_in_transformers(sft_runs, tmp_path):
     assert produced > 0  # the comparison saw real answer tokens
 
 
-def _metrics(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if "eval" not in r]
-
-
 @pytest.fixture(scope="module")
 def global_batch_runs(tiny_workspace, base_run, run_levante, tmp_path_factory) -> tuple[Path, dict]:
     """Data whose packed rows hold different numbers of answer tokens, and the reference: one process,
@@ -281,7 +274,7 @@ def global_batch_runs(tiny_workspace, base_run, run_levante, tmp_path_factory) -
     cfg = _sft_config(tiny_workspace, base_run, data, 2)
     cfg["data"]["seq_len"] = 32  # short rows: a few conversations each, different answer lengths
     cfg["run"].update(ckpt_every=2, eval_every=0, micro_batch_size=4, grad_accum=1)
-    cfg["optim"] = {**cfg.get("optim", {}), "muon_ns_dtype": "float32", "eps": 1e-5}  # see test_parallel.py
+    cfg["optim"] = {**cfg.get("optim", {}), **EXACT_OPTIM}  # see test_parallel.py
     path = tmp_path / "whole.toml"
     path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
     r = run_levante("train", path, "--out", tmp_path / "whole")
@@ -294,15 +287,15 @@ def _step2_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_training(ref: Path, got: Path, got_weights: dict[str, torch.Tensor]) -> None:
-    a, b = _metrics(ref), _metrics(got)
+    a, b = steps_of(ref), steps_of(got)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for r1, r2 in zip(a, b, strict=True):
         for key in ("loss", "lm_loss", "grad_norm"):
-            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
+            assert r2[key] == pytest.approx(r1[key], rel=RTOL), (r1["step"], key)
     wa, wb = _step2_weights(ref), got_weights
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(wb[name], wa[name], rtol=RTOL, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_sft_loss_is_the_mean_over_the_global_batch_not_of_micro_batch_means(global_batch_runs, run_levante):
@@ -322,10 +315,7 @@ def test_sft_on_two_ranks_trains_what_one_rank_trains(global_batch_runs, run_lev
     cfg = {**cfg, "run": {**cfg["run"], "micro_batch_size": 2}}
     path = root / "two.toml"
     path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "levante", "train", str(path), "--out", str(root / "two")],
-                       env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    r = torchrun(2, "train", path, "--out", root / "two", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_levante("checkpoint", "consolidate", root / "two", root / "two_c")
     assert r.returncode == 0, r.stderr
