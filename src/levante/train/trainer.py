@@ -122,11 +122,10 @@ class Trainer:
             from levante.train.sft import load_init_weights
 
             load_init_weights(model, cfg)
-            if cfg.task.kind == "dpo":
+            if cfg.task.kind == "dpo":  # a frozen copy, split and sharded as the policy is: no rank holds it whole
                 self.task.set_reference(model)
+                parallelize(self.task.reference, self.dist, cfg.parallel, self.device)
         self.model = parallelize(model, self.dist, cfg.parallel, self.device)
-        if cfg.task.kind == "dpo":  # the frozen reference is split and sharded as the policy is: no rank holds it whole
-            parallelize(self.task.reference, self.dist, cfg.parallel, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.balancer = RouterBalancer(self.model, cfg.model.bias_update_speed)
         self.guard = SpikeGuard(cfg.run.spike_window, cfg.run.spike_sigma, cfg.run.max_consecutive_skips,
